@@ -1,0 +1,1 @@
+"""framelabel's streaming pipeline: source → sampler → encoder → annotator → publisher."""

@@ -1,0 +1,160 @@
+"""Typed configuration for classifiers and the Annotate service, loaded from YAML.
+
+Paths inside a YAML file are relative to that file. Secrets never live in YAML:
+the config names the environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.errors import ConfigError
+from services.imaging import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from services.model_families import FamilyName
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CLASSIFIERS_FILE = CONFIG_DIR / "classifiers.yaml"
+DEFAULT_SERVICE_FILE = CONFIG_DIR / "service.yaml"
+PACKAGE_SCHEME = "package://"
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelConfig(StrictModel):
+    name: Annotated[str, Field(min_length=1)]
+    description: str = ""
+
+
+class ClassifierConfig(StrictModel):
+    family: FamilyName
+    classification_type: Literal["MULTI_CLASS", "MULTI_LABEL"]
+    model: Annotated[str, Field(description=f"path relative to the YAML file, or {PACKAGE_SCHEME}pkg/file")]
+    sha256: str | None = None
+    labels: list[LabelConfig] | None = None
+    labels_file: str | None = None
+    top_k: Annotated[int, Field(gt=0)] | None = None
+    min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    specification_labels: Literal["all", "annotated"] = "all"
+    intra_op_threads: Annotated[int, Field(ge=0)] = 1
+    inter_op_threads: Annotated[int, Field(ge=0)] = 1
+    allow_spinning: bool = False
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> ClassifierConfig:
+        if (self.labels is None) == (self.labels_file is None):
+            raise ValueError("give exactly one of `labels` and `labels_file`")
+        return self
+
+
+class CatalogConfig(StrictModel):
+    classifiers: Annotated[dict[str, ClassifierConfig], Field(min_length=1)]
+
+
+class TlsConfig(StrictModel):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = Field(None, description="set to require client certificates (mutual TLS)")
+
+
+class AuthConfig(StrictModel):
+    api_keys_env: str = "FRAMELABEL_API_KEYS"
+    iam_tokens_env: str = "FRAMELABEL_IAM_TOKENS"
+    allow_anonymous: bool | None = Field(None, description="default: only when listening on loopback")
+
+
+class ServiceConfig(StrictModel):
+    classifiers_file: Path = DEFAULT_CLASSIFIERS_FILE
+    classifier: str = "imagenet"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051
+    max_image_bytes: Annotated[int, Field(gt=0)] = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: Annotated[int, Field(gt=0)] = DEFAULT_MAX_PIXELS
+    max_message_bytes: Annotated[int, Field(gt=0)] | None = Field(None, description="default: max_image_bytes + 64 KiB")
+    max_concurrent_requests: Annotated[int, Field(gt=0)] = 64
+    inference_threads: Annotated[int, Field(gt=0)] = 2
+    grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    tls: TlsConfig | None = None
+    auth: AuthConfig = AuthConfig()
+
+    @property
+    def message_limit(self) -> int:
+        return self.max_message_bytes or self.max_image_bytes + 64 * 1024
+
+    @property
+    def on_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        problems.append(f"{where}: {item['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def validate(model: type[Model], data: Any, source: str) -> Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def resolve_paths(data: dict[str, Any], base: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Make the given keys' relative paths relative to `base` (the YAML file's folder)."""
+    resolved = dict(data)
+    for key in keys:
+        value = resolved.get(key)
+        if isinstance(value, str) and not value.startswith(PACKAGE_SCHEME):
+            resolved[key] = str(base / value)
+    return resolved
+
+
+def load_catalog(path: Path = DEFAULT_CLASSIFIERS_FILE) -> CatalogConfig:
+    data = read_yaml(path)
+    classifiers = data.get("classifiers")
+    if isinstance(classifiers, dict):
+        data["classifiers"] = {
+            name: resolve_paths(entry, path.parent, ("model", "labels_file")) if isinstance(entry, dict) else entry
+            for name, entry in classifiers.items()
+        }
+    return validate(CatalogConfig, data, str(path))
+
+
+def load_service_config(path: Path | None, overrides: dict[str, Any]) -> ServiceConfig:
+    """The service config from `path` (or the defaults), with command-line overrides on top."""
+    data = read_yaml(path) if path else {}
+    base = path.parent if path else CONFIG_DIR
+    data = resolve_paths(data, base, ("classifiers_file",))
+    if isinstance(data.get("tls"), dict):
+        data["tls"] = resolve_paths(data["tls"], base, ("cert_file", "key_file", "client_ca_file"))
+    data.update({key: value for key, value in overrides.items() if value is not None})
+    return validate(ServiceConfig, data, str(path or "service defaults"))

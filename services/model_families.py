@@ -1,0 +1,105 @@
+"""Per-model pre- and post-processing: pixels in, one confidence per label out.
+
+A family knows its network's input layout and how to turn the raw output for
+one image into label confidences; the `Classifier` does the rest. The three
+families match the shipped models:
+
+- `efficientnet`: EfficientNet-Lite0 (ImageNet), NCHW, shorter side to 256,
+  centre crop 224, (x - 127) / 128; softmax over the logits.
+- `open_nsfw`: Yahoo open_nsfw, NHWC BGR, 256×256, centre crop 224, minus the
+  Caffe mean; the network already ends in a softmax.
+- `nudenet`: NudeNet v3 `320n` detector (YOLOv8), padded to a square, 320×320,
+  RGB / 255; a label's confidence is its best score over all candidate boxes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from services.imaging import RGBImage
+
+FamilyName = Literal["efficientnet", "open_nsfw", "nudenet"]
+Tensor = NDArray[np.float32]
+
+
+class ModelFamily(Protocol):
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        """One image's network input, without the batch axis."""
+        ...
+
+    def confidences(self, output: Tensor) -> NDArray[np.float64]:
+        """One image's raw network output (without the batch axis) → one value per label."""
+        ...
+
+
+def _resize_centre_crop(pixels: RGBImage, resized: tuple[int, int], crop: int) -> RGBImage:
+    width, height = resized
+    # INTER_LINEAR: INTER_AREA costs ~10× more on 720p frames for no gain in accuracy here
+    scaled = np.asarray(cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return scaled[top : top + crop, left : left + crop]
+
+
+def _softmax(logits: Tensor) -> NDArray[np.float64]:
+    shifted = np.exp(logits.astype(np.float64) - logits.max())
+    result: NDArray[np.float64] = shifted / shifted.sum()
+    return result
+
+
+class EfficientNet:
+    RESIZE = 256
+    CROP = 224
+
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        height, width = pixels.shape[:2]
+        scale = self.RESIZE / min(height, width)
+        size = (max(self.RESIZE, round(width * scale)), max(self.RESIZE, round(height * scale)))
+        crop = _resize_centre_crop(pixels, size, self.CROP).astype(np.float32)
+        return ((crop - 127.0) / 128.0).transpose(2, 0, 1)
+
+    def confidences(self, output: Tensor) -> NDArray[np.float64]:
+        return _softmax(output)
+
+
+class OpenNsfw:
+    RESIZE = 256
+    CROP = 224
+    MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        crop = _resize_centre_crop(pixels, (self.RESIZE, self.RESIZE), self.CROP)
+        bgr: Tensor = crop[:, :, ::-1].astype(np.float32) - self.MEAN_BGR
+        return bgr
+
+    def confidences(self, output: Tensor) -> NDArray[np.float64]:
+        probabilities = output.astype(np.float64)
+        result: NDArray[np.float64] = probabilities / probabilities.sum()
+        return result
+
+
+class NudeNet:
+    SIZE = 320
+    BOX_FIELDS = 4  # cx, cy, w, h before the class scores
+
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        height, width = pixels.shape[:2]
+        side = max(height, width)
+        square = cv2.copyMakeBorder(pixels, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT)
+        scaled = cv2.resize(square, (self.SIZE, self.SIZE), interpolation=cv2.INTER_LINEAR)
+        return (scaled.astype(np.float32) / 255.0).transpose(2, 0, 1)
+
+    def confidences(self, output: Tensor) -> NDArray[np.float64]:
+        class_scores = output[self.BOX_FIELDS :]  # (classes, candidates)
+        result: NDArray[np.float64] = np.clip(class_scores.max(axis=1), 0.0, 1.0).astype(np.float64)
+        return result
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "efficientnet": EfficientNet(),
+    "open_nsfw": OpenNsfw(),
+    "nudenet": NudeNet(),
+}

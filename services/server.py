@@ -1,0 +1,151 @@
+"""The gRPC `yandex.cloud.ai.vision.v2.ImageClassifierService`, serving one classifier.
+
+A thin shell around `Classifier.annotate`: inference runs in a thread pool off
+the event loop; the standard health service and server reflection come with it;
+SIGTERM/SIGINT mark the service NOT_SERVING, let in-flight calls finish within
+the grace period, and return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api import image_classifier_service_pb2, image_classifier_service_pb2_grpc
+from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
+from services.auth import AuthInterceptor, Credentials
+from services.classifier import Classifier
+from services.config import ServiceConfig
+from services.errors import ConfigError, InvalidImageError
+
+log = logging.getLogger("framelabel.serve")
+
+SERVICE_NAME = image_classifier_service_pb2.DESCRIPTOR.services_by_name["ImageClassifierService"].full_name
+
+
+class AnnotateServicer(image_classifier_service_pb2_grpc.ImageClassifierServiceServicer):
+    def __init__(self, classifier: Classifier, executor: ThreadPoolExecutor) -> None:
+        self._classifier = classifier
+        self._executor = executor
+
+    async def Annotate(
+        self, request: AnnotationRequest, context: aio.ServicerContext[AnnotationRequest, AnnotationResponse]
+    ) -> AnnotationResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._classifier.annotate, request)
+        except InvalidImageError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            # the client gets no traceback; the log keeps it
+            log.exception("Annotate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error while annotating")
+        raise AssertionError("context.abort always raises")
+
+
+def credentials_from_env(config: ServiceConfig) -> Credentials:
+    def split(variable: str) -> list[str]:
+        return [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+
+    credentials = Credentials(split(config.auth.api_keys_env), split(config.auth.iam_tokens_env))
+    allow_anonymous = config.auth.allow_anonymous
+    if allow_anonymous is None:
+        allow_anonymous = config.on_loopback
+    if credentials.empty and not allow_anonymous:
+        raise ConfigError(
+            f"auth: serving on {config.host} with no API keys or tokens; set {config.auth.api_keys_env} "
+            f"or {config.auth.iam_tokens_env}, or set auth.allow_anonymous: true"
+        )
+    return credentials
+
+
+def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    try:
+        key = config.tls.key_file.read_bytes()
+        cert = config.tls.cert_file.read_bytes()
+        client_ca = config.tls.client_ca_file.read_bytes() if config.tls.client_ca_file else None
+    except OSError as exc:
+        raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+class AnnotateServer:
+    """Owns the grpc.aio server, its health service and its inference threads."""
+
+    def __init__(self, config: ServiceConfig, classifier: Classifier) -> None:
+        self.config = config
+        self.classifier = classifier
+        credentials = credentials_from_env(config)
+        self.auth_enabled = not credentials.empty
+        self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
+        self._server = aio.server(
+            interceptors=[AuthInterceptor(credentials)] if self.auth_enabled else [],
+            maximum_concurrent_rpcs=config.max_concurrent_requests,
+            options=[
+                ("grpc.max_receive_message_length", config.message_limit),
+                ("grpc.max_send_message_length", config.message_limit),
+            ],
+        )
+        image_classifier_service_pb2_grpc.add_ImageClassifierServiceServicer_to_server(
+            AnnotateServicer(classifier, self._executor), self._server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        address = f"{config.host}:{config.port}"
+        server_credentials = _server_credentials(config)
+        try:
+            if server_credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, server_credentials)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+
+    async def start(self) -> None:
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving classifier %s (%s, %d labels) on %s:%d tls=%s auth=%s",
+            self.classifier.name,
+            self.classifier.specification.ClassificationType.Name(self.classifier.classification_type),
+            len(self.classifier.labels),
+            self.config.host,
+            self.port,
+            "on" if self.config.tls else "off",
+            "on" if self.auth_enabled else "off",
+        )
+
+    async def stop(self) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace_seconds)
+        self._executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+async def serve(config: ServiceConfig, classifier: Classifier) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = AnnotateServer(config, classifier)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received: finishing in-flight calls (grace %.0fs)", config.grace_seconds)
+    await server.stop()

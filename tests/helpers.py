@@ -1,0 +1,86 @@
+"""Helpers for the tests: real photos, JPEG bytes, a real `framelabel serve` process."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from skimage import data
+
+from services.api.image_classifier_pb2 import AnnotationRequest
+from services.api.image_pb2 import Image
+
+FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
+READY = re.compile(r"serving classifier \S+ .* on [\w.:]+:(\d+)")
+START_TIMEOUT = 60.0
+
+
+def photo(name: str) -> np.ndarray:
+    """A scikit-image sample photo as H×W×3 RGB."""
+    return np.asarray(getattr(data, name)())
+
+
+def jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    return bytes(simplejpeg.encode_jpeg(rgb, quality=quality))
+
+
+def request(content: bytes, image_type: int = Image.JPEG) -> AnnotationRequest:
+    return AnnotationRequest(image=Image(content=content, image_type=image_type))
+
+
+@dataclass
+class ServiceProcess:
+    """A `framelabel serve` child process; its log is collected by a reader thread."""
+
+    process: subprocess.Popen[str]
+    port: int = 0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start_service(*args: str, env: dict[str, str] | None = None) -> ServiceProcess:
+    """Start `framelabel serve --port 0 ARGS` and wait for its ready line."""
+    process = subprocess.Popen(
+        [FRAMELABEL, "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    service = ServiceProcess(process)
+    ready = threading.Event()
+
+    def read_log() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            service.log.append(line)
+            if not ready.is_set() and (match := READY.search(line)):
+                service.port = int(match.group(1))
+                ready.set()
+        ready.set()  # the process ended: stop waiting
+
+    threading.Thread(target=read_log, daemon=True).start()
+    if not ready.wait(START_TIMEOUT) or not service.port:
+        service.stop()
+        raise RuntimeError("framelabel serve did not start:\n" + "".join(service.log))
+    return service
