@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from google.protobuf import json_format
+from rich.console import Console
 
 from pipeline.annotators import Annotator
 from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
 from pipeline.annotators.in_process import InProcessAnnotator
+from pipeline.config import DEFAULT_TOPIC, load_run_config
+from pipeline.job import authorization_from_env
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_pb2 import Image
 from services.classifier import load_classifier
@@ -51,15 +54,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def grpc_authorization(api_key_env: str, iam_token_env: str) -> str | None:
-    """The `authorization` metadata from the environment, as Yandex's tools name it."""
-    if api_key := os.environ.get(api_key_env):
-        return f"Api-Key {api_key}"
-    if token := os.environ.get(iam_token_env):
-        return f"Bearer {token}"
-    return None
-
-
 def _annotator_for(args: argparse.Namespace) -> Annotator:
     if args.target:
         root = args.ca_file.read_bytes() if args.ca_file else None
@@ -67,7 +61,7 @@ def _annotator_for(args: argparse.Namespace) -> Annotator:
             targets=tuple(args.target),
             tls=args.tls or root is not None,
             root_certificates=root,
-            authorization=grpc_authorization("YC_API_KEY", "YC_IAM_TOKEN"),
+            authorization=authorization_from_env("YC_API_KEY", "YC_IAM_TOKEN"),
             retry_for_seconds=args.retry_for,
         )
         return GrpcAnnotator(settings)
@@ -103,6 +97,51 @@ async def _annotate_files(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.job import run_job
+
+    flags = {
+        "sources": args.source,
+        "classifier": args.classifier,
+        "targets": args.target,
+        "tls": args.tls,
+        "bootstrap": args.bootstrap,
+        "topic": args.topic,
+    }
+    config = load_run_config(args.config, flags)
+    # a wide summary table even when stdout is a pipe or a file
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    return asyncio.run(run_job(config, console))
+
+
+async def _consume(args: argparse.Namespace) -> int:
+    from pipeline.consumer import consume
+    from pipeline.records import record_json
+
+    records = consume(
+        args.bootstrap,
+        args.topic,
+        from_beginning=args.from_beginning,
+        max_records=args.max,
+        source_id=args.source,
+        idle_timeout_s=args.idle_timeout,
+    )
+    async for record in records:
+        if args.min_confidence is not None:
+            kept = [a for a in record.response.annotations if a.confidence >= args.min_confidence]
+            del record.response.annotations[:]
+            record.response.annotations.extend(kept)
+        print(json.dumps(record_json(record), ensure_ascii=False), flush=True)
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from pipeline.broker import run_broker
+
+    run_broker(args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framelabel", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -128,6 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--retry-for", type=float, default=10.0, help="seconds to retry an unavailable target")
     annotate.add_argument("--top", type=int, help="print only the N most confident annotations, and no label list")
     annotate.set_defaults(handler=lambda args: asyncio.run(_annotate_files(args)))
+
+    run = commands.add_parser("run", help="capture → JPEG → Annotate → Kafka, for every source at once")
+    run.add_argument(
+        "config", nargs="?", type=Path, help="run YAML (default: the demo: sample clip, imagenet, embedded)"
+    )
+    run.add_argument("--source", action="append", metavar="ID=URI", help="a source (repeatable; replaces the config's)")
+    run_where = run.add_mutually_exclusive_group()
+    run_where.add_argument("--classifier", help="annotate in-process with this classifier")
+    run_where.add_argument("--target", action="append", metavar="HOST:PORT", help="annotate over gRPC (repeatable)")
+    run.add_argument("--tls", action="store_true", help="TLS to the gRPC targets")
+    run.add_argument("--bootstrap", metavar="ADDR|embedded", help="Kafka bootstrap servers, or `embedded`")
+    run.add_argument("--topic", help=f"Kafka topic (default: {DEFAULT_TOPIC})")
+    run.set_defaults(handler=_run)
+
+    consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")
+    consume.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    consume.add_argument("--topic", default=DEFAULT_TOPIC)
+    consume.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
+    consume.add_argument("--max", type=int, metavar="N", help="stop after N records")
+    consume.add_argument("--source", metavar="ID", help="only this source's records")
+    consume.add_argument("--min-confidence", type=float, metavar="X", help="drop annotations below X")
+    consume.add_argument("--idle-timeout", type=float, metavar="S", help="stop when no record came for S seconds")
+    consume.set_defaults(handler=lambda args: asyncio.run(_consume(args)))
+
+    broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
+    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (0 picks a free one)")
+    broker.set_defaults(handler=_broker)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -115,16 +116,16 @@ def model_path(reference: str) -> Path:
     return Path(reference)
 
 
+def _labels_from_file(path: Path) -> list[LabelConfig]:
+    try:
+        raw = json.loads(path.read_text())
+        return [LabelConfig.model_validate(item) for item in raw]
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"cannot read labels file {path}: {exc}") from None
+
+
 def _read_labels(config: ClassifierConfig) -> list[Label]:
-    if config.labels is not None:
-        entries = config.labels
-    else:
-        assert config.labels_file is not None  # guaranteed by ClassifierConfig's validator
-        try:
-            raw = json.loads(Path(config.labels_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read labels file {config.labels_file}: {exc}") from None
-        entries = [LabelConfig.model_validate(item) for item in raw]
+    entries = config.labels if config.labels is not None else _labels_from_file(Path(config.labels_file or ""))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -167,7 +168,7 @@ def load_classifier(
     name: str,
     catalog_file: Path,
     limits: ImageLimits = ImageLimits(),  # noqa: B008
-    overrides: dict[str, object] | None = None,
+    overrides: Mapping[str, object] | None = None,
 ) -> Classifier:
     """Build the classifier `name` declared in `catalog_file`, with optional field overrides."""
     catalog = load_catalog(catalog_file)
@@ -176,5 +177,5 @@ def load_classifier(
         raise ConfigError(f"unknown classifier {name!r} in {catalog_file} (known: {known})")
     config = catalog.classifiers[name]
     if overrides:
-        config = ClassifierConfig.model_validate(config.model_dump() | overrides)
+        config = ClassifierConfig.model_validate(config.model_dump() | dict(overrides))
     return build_classifier(name, config, limits)

@@ -40,6 +40,11 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def resize(pixels: RGBImage, width: int, height: int) -> RGBImage:
+    """Bilinear resize: INTER_AREA costs ~10× more on 720p frames for no gain the classifiers notice."""
+    return np.asarray(cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+
+
 def sniff_format(content: bytes) -> ImageFormat | None:
     if content.startswith(JPEG_MAGIC):
         return ImageFormat.JPEG

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from services.imaging import RGBImage
+from services.imaging import RGBImage, resize
 
 FamilyName = Literal["efficientnet", "open_nsfw", "nudenet"]
 Tensor = NDArray[np.float32]
@@ -38,8 +37,7 @@ class ModelFamily(Protocol):
 
 def _resize_centre_crop(pixels: RGBImage, resized: tuple[int, int], crop: int) -> RGBImage:
     width, height = resized
-    # INTER_LINEAR: INTER_AREA costs ~10× more on 720p frames for no gain in accuracy here
-    scaled = np.asarray(cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    scaled = resize(pixels, width, height)
     top, left = (height - crop) // 2, (width - crop) // 2
     return scaled[top : top + crop, left : left + crop]
 
@@ -88,8 +86,9 @@ class NudeNet:
     def preprocess(self, pixels: RGBImage) -> Tensor:
         height, width = pixels.shape[:2]
         side = max(height, width)
-        square = cv2.copyMakeBorder(pixels, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT)
-        scaled = cv2.resize(square, (self.SIZE, self.SIZE), interpolation=cv2.INTER_LINEAR)
+        square = np.zeros((side, side, 3), dtype=np.uint8)  # padded bottom and right, as NudeNet does
+        square[:height, :width] = pixels
+        scaled = resize(square, self.SIZE, self.SIZE)
         return (scaled.astype(np.float32) / 255.0).transpose(2, 0, 1)
 
     def confidences(self, output: Tensor) -> NDArray[np.float64]:

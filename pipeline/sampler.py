@@ -1,0 +1,47 @@
+"""The sampling stage: which of a source's frames go on to be annotated.
+
+`fps` keeps frames at a target rate, measured on the media clock for files
+(so a replay samples the same frames however fast it runs) and on the capture
+clock for cameras; `every_nth` keeps frames 0, N, 2N, … by index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.frames import FrameInfo
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    fps: float | None = None
+    every_nth: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fps is not None and self.every_nth is not None:
+            raise ValueError("give at most one of fps and every_nth")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.every_nth is not None and self.every_nth < 1:
+            raise ValueError(f"every_nth must be >= 1, got {self.every_nth}")
+
+
+class Sampler:
+    def __init__(self, settings: SamplingSettings) -> None:
+        self._settings = settings
+        self._next_due_ms: float | None = None
+
+    def keep(self, info: FrameInfo) -> bool:
+        if self._settings.every_nth is not None:
+            return info.index % self._settings.every_nth == 0
+        if self._settings.fps is None:
+            return True
+        now_ms = info.media_position_ms if info.media_position_ms is not None else info.captured_at * 1000.0
+        period_ms = 1000.0 / self._settings.fps
+        if self._next_due_ms is not None and now_ms < self._next_due_ms:
+            return False
+        # schedule from the due time, not from now, so the rate does not drift down;
+        # but never let a stall build up a burst of catch-up frames
+        due = self._next_due_ms if self._next_due_ms is not None else now_ms
+        self._next_due_ms = due + period_ms if due + period_ms > now_ms else now_ms + period_ms
+        return True

@@ -1,0 +1,71 @@
+"""The capture stage: where frames come from, and how each kind of source delivers them.
+
+    open_source(id, uri, settings) ──▶ Source.frames() ──Frame──▶ sampler …
+
+The URI picks the kind and with it the delivery policy:
+
+    rtsp://, rtsps://, http://, https://, /dev/videoN, N   camera.CameraSource            LIVE
+    a directory, or a glob with * ? [                      image_folder.ImageFolderSource REPLAY
+    anything else                                          video_file.VideoFileSource     REPLAY
+
+open_source() does no I/O: a missing or unreadable input raises `SourceError`
+from the first step of `frames()`. `total_frames` probes a file or lists a
+folder on first use, a short blocking call. Cameras never raise for being
+unreachable; they reconnect until closed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator
+from typing import Protocol
+
+from pipeline.frames import DeliveryPolicy, Frame
+from pipeline.sources._types import SourceError, SourceSettings, SourceStats
+from pipeline.sources.camera import CameraSource, is_camera
+from pipeline.sources.image_folder import ImageFolderSource, is_glob
+from pipeline.sources.video_file import VideoFileSource
+
+
+class Source(Protocol):
+    source_id: str
+    policy: DeliveryPolicy
+    stats: SourceStats
+
+    @property
+    def total_frames(self) -> int | None:
+        """Expected frame count for progress (file without loop, folder); None otherwise."""
+        ...
+
+    def frames(self) -> AsyncGenerator[Frame, None]:
+        """The frames; iterate once. Its aclose(), like close(), stops the source."""
+        ...
+
+    async def close(self) -> None:
+        """Idempotent; makes frames() end soon and joins the reader threads."""
+        ...
+
+
+def _source_class(uri: str) -> type[CameraSource | ImageFolderSource | VideoFileSource]:
+    if not uri.strip():
+        raise ValueError("a source URI must not be empty")
+    if is_camera(uri):
+        return CameraSource
+    if is_glob(uri) or uri.endswith(("/", os.sep)) or os.path.isdir(uri):
+        return ImageFolderSource
+    return VideoFileSource
+
+
+def source_policy(uri: str) -> DeliveryPolicy:
+    """LIVE for cameras, REPLAY for video files and image folders."""
+    return _source_class(uri).policy
+
+
+def open_source(source_id: str, uri: str, settings: SourceSettings) -> Source:
+    """The source for `uri`, not yet reading: iterate `frames()` to start it, `close()` to stop it."""
+    if not source_id:
+        raise ValueError("a source id must not be empty")
+    return _source_class(uri)(source_id, uri, settings)
+
+
+__all__ = ["Source", "SourceError", "SourceSettings", "SourceStats", "open_source", "source_policy"]

@@ -1,0 +1,185 @@
+"""Live cameras: RTSP, HTTP(S) MJPEG or any stream FFmpeg reads, and local devices; always the newest frame.
+
+A reader thread reads as fast as the camera sends and keeps only the newest
+frame: one nobody took before the next arrived is counted in `stats.dropped`.
+Each frame's capture time is the moment `read()` returned.
+
+A camera that fails to open, fails to read or ends is reopened with capped
+exponential backoff and jitter, forever, until close(); each reopen counts in
+`stats.reconnects` and logs one line with the cause (credentials masked).
+Streams open through FFmpeg with open and read timeouts; since a native call
+can still block longer than asked, a watchdog thread gives up on a reader that
+has had no frame for `stall_seconds` since it connected or since its last
+frame, and starts another (the stuck thread ends once its call returns).
+Everything blocking runs in these threads, so a dead camera never holds up
+other sources.
+
+RTSP goes over `rtsp_transport` (TCP by default), which is one setting for the
+whole process: see `_ffmpeg`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+
+import cv2
+
+from pipeline.frames import DeliveryPolicy
+from pipeline.sources._ffmpeg import open_capture, use_rtsp_transport
+from pipeline.sources._threaded import FrameHandoff, ThreadedSource
+from pipeline.sources._types import SourceSettings
+
+log = logging.getLogger("framelabel.sources")
+
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+RTSP_SCHEMES = frozenset({"rtsp", "rtsps"})
+DEVICE = re.compile(r"\d+|/dev/video\d+")  # a device index, or a V4L2 device path
+CREDENTIALS = re.compile(r"(?<=://)[^/]*@")  # user:password@ (up to the last @ of the authority)
+
+
+def _scheme(uri: str) -> str:
+    scheme, separator, _ = uri.partition("://")
+    return scheme.lower() if separator else ""
+
+
+def is_camera(uri: str) -> bool:
+    return _scheme(uri) in LIVE_SCHEMES or DEVICE.fullmatch(uri) is not None
+
+
+def mask_credentials(uri: str) -> str:
+    """The URI as it may appear in logs and errors: `rtsp://***@host/…` instead of the user and password."""
+    return CREDENTIALS.sub("***@", uri, count=1)
+
+
+def _device_target(uri: str) -> int | str | None:
+    """What cv2.VideoCapture takes for a local device: its index or its path; None for a stream URL."""
+    if DEVICE.fullmatch(uri) is None:
+        return None
+    return int(uri) if uri.isdigit() else uri
+
+
+def backoff_delay(failures: int, settings: SourceSettings) -> float:
+    """Capped exponential backoff with jitter, so cameras that failed together do not retry in step."""
+    step = min(settings.backoff_max_seconds, settings.backoff_initial_seconds * 2.0 ** min(failures, 32))
+    return step * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
+
+
+class _Reader:
+    """One reader thread's standing: the watchdog abandons it once it has waited too long for a frame."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting_since: float | None = None  # time.monotonic() of the connect or the last frame
+        self.abandoned = False
+
+    def expect_frame(self) -> bool:
+        """(Re)start the stall clock, on connecting and after each frame; False once the reader is abandoned."""
+        with self._lock:
+            self._waiting_since = time.monotonic()
+            return not self.abandoned
+
+    def rest(self) -> None:
+        """Stop the stall clock: between connections nobody expects a frame."""
+        with self._lock:
+            self._waiting_since = None
+
+    def abandon_if_stalled(self, stall_seconds: float) -> bool:
+        with self._lock:
+            if self._waiting_since is None or time.monotonic() - self._waiting_since <= stall_seconds:
+                return False
+            self.abandoned = True
+            return True
+
+
+class CameraSource(ThreadedSource):
+    policy = DeliveryPolicy.LIVE
+
+    def __init__(self, source_id: str, uri: str, settings: SourceSettings) -> None:
+        super().__init__(source_id, settings)
+        self.uri = uri
+        self.display_uri = mask_credentials(uri)
+        self._device = _device_target(uri)
+        if _scheme(uri) in RTSP_SCHEMES:
+            use_rtsp_transport(settings.rtsp_transport)
+        self._reader: _Reader | None = None  # the reader the watchdog watches
+        self._readers_started = 0
+
+    def _start(self, handoff: FrameHandoff) -> None:
+        self._start_reader(handoff)
+        self._start_thread("watchdog", self._watch, handoff)
+
+    def _start_reader(self, handoff: FrameHandoff) -> None:
+        reader = _Reader()
+
+        def read_forever(handoff: FrameHandoff) -> None:
+            self._read_forever(handoff, reader)
+
+        self._reader = reader
+        self._readers_started += 1
+        self._start_thread(f"reader{self._readers_started}", read_forever, handoff)
+
+    def _read_forever(self, handoff: FrameHandoff, reader: _Reader) -> None:
+        failures = 0  # connections in a row that gave no frame: the backoff exponent
+        while True:
+            cause, streamed = self._stream(handoff, reader)
+            if handoff.stopped or reader.abandoned:
+                return
+            failures = 0 if streamed else failures + 1
+            delay = backoff_delay(failures, self.settings)
+            self._reconnecting(cause, delay)
+            if handoff.wait_until_stopped(delay):
+                return
+
+    def _stream(self, handoff: FrameHandoff, reader: _Reader) -> tuple[str, bool]:
+        """Open the camera and hand frames over until it fails; returns why it stopped and whether frames came."""
+        streamed = False
+        capture: cv2.VideoCapture | None = None
+        reader.expect_frame()
+        try:
+            capture = self._open()
+            if not capture.isOpened():
+                self.stats.errors += 1
+                return "could not open it (refused, timed out or not a stream)", False
+            while not (handoff.stopped or reader.abandoned):
+                ok, pixels = capture.read()
+                if not ok:
+                    return "the stream ended or a read failed", streamed
+                if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
+                    streamed = True
+                    handoff.put(self._new_frame(pixels))
+            return "closed", streamed
+        except cv2.error as exc:
+            self.stats.errors += 1
+            return f"OpenCV error: {str(exc).strip()}", streamed
+        finally:
+            reader.rest()
+            if capture is not None:
+                capture.release()
+
+    def _open(self) -> cv2.VideoCapture:
+        if self._device is not None:
+            return cv2.VideoCapture(self._device)  # the platform's camera backend (V4L2 on Linux)
+        timeouts = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            self.settings.open_timeout_ms,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            self.settings.read_timeout_ms,
+        ]
+        return open_capture(self.uri, timeouts)
+
+    def _watch(self, handoff: FrameHandoff) -> None:
+        """Every quarter of stall_seconds, replace a reader that has waited longer than that for a frame."""
+        stall_seconds = self.settings.stall_seconds
+        while not handoff.wait_until_stopped(stall_seconds / 4):
+            if self._reader is not None and self._reader.abandon_if_stalled(stall_seconds):
+                self._reconnecting(f"stalled: no frame for {stall_seconds:g} s", 0.0)
+                self._start_reader(handoff)
+
+    def _reconnecting(self, cause: str, delay: float) -> None:
+        self.stats.reconnects += 1
+        self.stats.last_error = cause
+        log.warning("camera %s (%s): %s; reconnecting in %.1f s", self.source_id, self.display_uri, cause, delay)

@@ -1,0 +1,168 @@
+"""Video files, replayed losslessly: every frame read is delivered, in order.
+
+Anything OpenCV's FFmpeg backend reads works. A reader thread decodes ahead
+into a bounded hand-off, so a slow consumer slows the reader and nothing is
+dropped. Each frame carries its position in the file (`media_position_ms`) and
+`capture_time_ms`, the wall clock when the reader released it; with
+`realtime` that is when the frame became due, as if a camera had just taken it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+
+import cv2
+
+from pipeline.frames import DeliveryPolicy
+from pipeline.sources._ffmpeg import open_capture
+from pipeline.sources._threaded import FrameHandoff, ThreadedSource
+from pipeline.sources._types import SourceError, SourceSettings
+
+log = logging.getLogger("framelabel.sources")
+
+
+class VideoFileSource(ThreadedSource):
+    policy = DeliveryPolicy.REPLAY
+
+    def __init__(self, source_id: str, path: str, settings: SourceSettings) -> None:
+        super().__init__(source_id, settings)
+        self.path = path
+
+    @functools.cached_property
+    def total_frames(self) -> int | None:
+        """The frames a replay without `loop` will deliver (estimated with offsets), from a probe of the file."""
+        if self.settings.loop:
+            return None
+        try:
+            capture = self._open()
+        except SourceError:
+            return None  # frames() raises it
+        try:
+            return self._expected_frames(capture)
+        finally:
+            capture.release()
+
+    def _start(self, handoff: FrameHandoff) -> None:
+        self._start_thread("reader", self._replay, handoff)
+
+    def _replay(self, handoff: FrameHandoff) -> None:
+        while True:
+            capture = self._open()  # again for each pass of a loop: works for files that cannot seek, too
+            try:
+                delivered = self._replay_pass(capture, handoff)
+            finally:
+                capture.release()
+            if handoff.stopped:
+                return
+            if delivered == 0:
+                break  # nothing (more) in range: looping would spin
+            if not self.settings.loop:
+                self._check_complete(delivered)
+                break
+        if self.stats.read == 0:
+            raise SourceError(f"video file {self.path}: no decodable video frames{self._range_text()}")
+        handoff.end()
+
+    def _open(self) -> cv2.VideoCapture:
+        try:
+            with open(self.path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+        except OSError as exc:
+            raise SourceError(f"video file {self.path}: {exc.strerror or exc}") from exc
+        if size == 0:
+            raise SourceError(f"video file {self.path}: the file is empty")
+        try:
+            capture = open_capture(self.path)
+        except cv2.error as exc:
+            raise SourceError(f"video file {self.path}: OpenCV cannot open it: {exc}") from exc
+        if not capture.isOpened():
+            raise SourceError(f"video file {self.path}: not a video FFmpeg can read")
+        return capture
+
+    def _replay_pass(self, capture: cv2.VideoCapture, handoff: FrameHandoff) -> int:
+        """Deliver the frames in [start_ms, end_ms) once; returns how many."""
+        start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
+        if start_ms > 0:
+            capture.set(cv2.CAP_PROP_POS_MSEC, start_ms)  # frame-accurate; frames before start are skipped anyway
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        pace = _Pace() if self.settings.realtime else None
+        previous_ms: float | None = None
+        delivered = 0
+        while not handoff.stopped:
+            try:
+                ok, pixels = capture.read()
+            except cv2.error as exc:  # corrupt data the decoder gave up on: end cleanly, like a truncated file
+                log.warning("source %s: reading %s failed: %s", self.source_id, self.path, exc)
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                break
+            if not ok:
+                break
+            position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+            if previous_ms is not None and position_ms <= previous_ms and fps > 0:
+                position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
+            previous_ms = position_ms
+            if position_ms < start_ms:
+                continue
+            if end_ms is not None and position_ms >= end_ms:
+                break
+            if pace is not None and pace.wait_until_due(position_ms, handoff):
+                break
+            if not handoff.put(self._new_frame(pixels, position_ms)):
+                break
+            delivered += 1
+        return delivered
+
+    def _expected_frames(self, capture: cv2.VideoCapture) -> int | None:
+        count = capture.get(cv2.CAP_PROP_FRAME_COUNT)  # from the container; negative or huge when unknown
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        if not 0 < count < 2**31:
+            return None
+        if self._whole_file:
+            return int(count)
+        start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
+        if fps <= 0:
+            return None
+        first = math.ceil(start_ms * fps / 1000)
+        stop = int(count) if end_ms is None else min(int(count), math.ceil(end_ms * fps / 1000))
+        return max(0, stop - first)
+
+    def _check_complete(self, delivered: int) -> None:
+        """A file that ends before its announced frame count is truncated or corrupt: say so, and carry on."""
+        expected = self.total_frames
+        if self._whole_file and expected is not None and delivered < expected:
+            message = f"video file {self.path} ended after {delivered} of {expected} frames"
+            log.warning("source %s: %s (truncated or corrupt?)", self.source_id, message)
+            self.stats.last_error = message
+
+    @property
+    def _whole_file(self) -> bool:
+        return self.settings.start_ms == 0 and self.settings.end_ms is None
+
+    def _range_text(self) -> str:
+        if self._whole_file:
+            return ""
+        start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
+        return f" between {start_ms:g} ms and {'the end' if end_ms is None else f'{end_ms:g} ms'}"
+
+
+class _Pace:
+    """Releases frames at the pace of their media positions; after a slow consumer it resumes, never bursts."""
+
+    def __init__(self) -> None:
+        self._origin: float | None = None  # time.monotonic() at which media position 0 is due
+
+    def wait_until_due(self, position_ms: float, handoff: FrameHandoff) -> bool:
+        """Wait until the frame at `position_ms` is due; True if the source was closed meanwhile."""
+        now = time.monotonic()
+        if self._origin is None:
+            self._origin = now - position_ms / 1000
+        delay = self._origin + position_ms / 1000 - now
+        if delay <= 0:
+            self._origin -= delay  # late: shift the schedule so the next frames are not rushed out
+            return False
+        return handoff.wait_until_stopped(delay)

@@ -1,0 +1,114 @@
+"""Helpers for tests that publish: a real Tansu broker, annotated frames, reading a topic back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+
+from pipeline.broker import EmbeddedBroker
+from pipeline.consumer import consume
+from pipeline.frames import AnnotatedFrame, FrameInfo
+from pipeline.publisher import KafkaSettings
+from pipeline.records import DecodedRecord
+from services.api.image_classifier_pb2 import (
+    AnnotationResponse,
+    ClassAnnotation,
+    ClassifierSpecification,
+    Label,
+)
+
+QUIET_S = 1.0  # a topic that stays quiet this long has been read to its end
+DEADLINE_S = 10.0
+EPOCH_MS = 1_760_000_000_000
+
+
+@contextlib.asynccontextmanager
+async def kafka_broker() -> AsyncIterator[EmbeddedBroker]:
+    """A Tansu broker on a free loopback port for one test, always stopped."""
+    async with EmbeddedBroker() as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def paused(broker: EmbeddedBroker) -> Iterator[None]:
+    """Freeze the broker (SIGSTOP): requests go unanswered, yet nothing it stores is lost."""
+    pid = broker.pid
+    if pid is None:
+        raise RuntimeError("the broker is not running")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def settings_for(broker: EmbeddedBroker, **overrides: Any) -> KafkaSettings:
+    """Publisher settings for Tansu, which rejects aiokafka's idempotent producer."""
+    return replace(KafkaSettings(broker.address, enable_idempotence=False), **overrides)
+
+
+def annotated_frame(
+    source_id: str,
+    index: int,
+    *,
+    media_position_ms: float | None = None,
+    description: str = "",
+) -> AnnotatedFrame:
+    """A frame with a made-up MULTI_CLASS response whose request_id names the frame."""
+    response = AnnotationResponse(
+        request_id=f"{source_id}/{index}",
+        classifier_specification=ClassifierSpecification(
+            labels=[Label(name="cat", description=description), Label(name="dog")],
+            classification_type=ClassifierSpecification.MULTI_CLASS,
+        ),
+        annotations=[
+            ClassAnnotation(label=Label(name="cat"), confidence=0.75),
+            ClassAnnotation(label=Label(name="dog"), confidence=0.25),
+        ],
+    )
+    capture_time_ms = EPOCH_MS + index * 40
+    info = FrameInfo(source_id, index, capture_time_ms, time.monotonic(), media_position_ms)
+    return AnnotatedFrame(info, response, width=640, height=480)
+
+
+async def read_topic(address: str, topic: str, *, max_records: int | None = None) -> list[DecodedRecord]:
+    """Every record of the topic from the start, read until it has been quiet for QUIET_S."""
+    return [
+        record
+        async for record in consume(
+            address, topic, from_beginning=True, max_records=max_records, idle_timeout_s=QUIET_S
+        )
+    ]
+
+
+async def raw_records(address: str, topic: str, count: int) -> list[ConsumerRecord[bytes, bytes]]:
+    """The first `count` records of the topic as aiokafka gives them, for checks below the decoder."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=address, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.subscribe([topic])
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + DEADLINE_S
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=100)).values():
+                records.extend(batch)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def partition_count(address: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=address)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        return len(consumer.partitions_for_topic(topic) or ())
+    finally:
+        await consumer.stop()
