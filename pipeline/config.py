@@ -42,7 +42,9 @@ class SourceConfig(StrictModel):
     open_timeout_ms: Annotated[int, Field(gt=0)] = 5000
     read_timeout_ms: Annotated[int, Field(gt=0)] = 5000
     stall_seconds: Annotated[float, Field(gt=0)] = 10.0
+    backoff_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
     backoff_max_seconds: Annotated[float, Field(gt=0)] = 10.0
+    rtsp_transport: Literal["tcp", "udp", "udp_multicast", "http", "https"] = "tcp"
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> SourceConfig:

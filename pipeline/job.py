@@ -76,40 +76,24 @@ def kafka_settings(config: KafkaConfig, bootstrap: str, embedded: bool) -> Kafka
     idempotence = config.enable_idempotence
     if idempotence is None:
         idempotence = not embedded  # Tansu rejects aiokafka's idempotent producer
+    same_fields = config.model_dump(
+        exclude={"bootstrap_servers", "enable_idempotence", "sasl_mechanism", "sasl_password_env"}
+    )
     return KafkaSettings(
         bootstrap_servers=bootstrap,
-        topic=config.topic,
-        partitions=config.partitions,
-        replication_factor=config.replication_factor,
-        linger_ms=config.linger_ms,
-        max_batch_bytes=config.max_batch_bytes,
-        compression=config.compression,
         enable_idempotence=idempotence,
-        value_format=config.value_format,
-        request_timeout_ms=config.request_timeout_ms,
-        max_request_bytes=config.max_request_bytes,
-        security_protocol=config.security_protocol,
         sasl_mechanism=config.sasl_mechanism or "PLAIN",
-        sasl_username=config.sasl_username,
         sasl_password=os.environ.get(config.sasl_password_env),
-        ssl_cafile=config.ssl_cafile,
-        ssl_certfile=config.ssl_certfile,
-        ssl_keyfile=config.ssl_keyfile,
+        **same_fields,
     )
+
+
+NOT_SOURCE_SETTINGS = {"id", "uri", "fps", "every_nth", "max_side", "jpeg_quality"}  # identity, sampler, encoder
 
 
 def source_settings(config: SourceConfig) -> SourceSettings:
     try:
-        return SourceSettings(
-            realtime=config.realtime,
-            loop=config.loop,
-            start_ms=config.start_ms,
-            end_ms=config.end_ms,
-            open_timeout_ms=config.open_timeout_ms,
-            read_timeout_ms=config.read_timeout_ms,
-            stall_seconds=config.stall_seconds,
-            backoff_max_seconds=config.backoff_max_seconds,
-        )
+        return SourceSettings(**config.model_dump(exclude=NOT_SOURCE_SETTINGS))
     except ValueError as exc:
         raise ConfigError(f"source {config.id}: {exc}") from None
 
