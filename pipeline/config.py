@@ -94,6 +94,7 @@ class KafkaConfig(StrictModel):
     compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     enable_idempotence: bool | None = Field(None, description="default: on, except for the embedded broker")
     request_timeout_ms: Annotated[int, Field(gt=0)] = 30000
+    delivery_timeout_ms: Annotated[int, Field(gt=0)] = 300_000  # re-sends included
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

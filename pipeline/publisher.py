@@ -1,26 +1,37 @@
-"""The Publish stage: one Kafka record per AnnotatedFrame, batched, acknowledged, never silently lost.
+"""The Publish stage: one Kafka record per AnnotatedFrame, in each source's frame order, never silently lost.
 
-`publish()` only queues the record in aiokafka, which batches per partition
+`publish()` puts the frame's record in its source's line and returns. A task
+per source hands the waiting records to aiokafka, which batches per partition
 (`linger_ms`, `max_batch_bytes`) and retries retriable errors until
-`request_timeout_ms`. A record whose delivery still fails is sent again by a
-retry task, in the order the failures came, with capped exponential backoff and
-jitter, `delivery_retries` times; after that it counts as failed, is logged, and
-the next `flush()` raises. Delivery is at least once: a retried record may be
-stored twice.
+`request_timeout_ms`, waits until each of them is acknowledged or failed, and
+only then hands over the next ones. A failed record is sent again, ahead of any
+later record of its source, with capped exponential backoff and jitter, until
+it is acknowledged or `delivery_timeout_ms` has passed since `publish()` (or
+after `delivery_retries` re-sends, when set). Only then does it count as
+failed: it is logged with its source and frame, and the next `flush()` raises.
 
-Backpressure: at most `max_in_flight_records` records are unacknowledged at a
-time; `publish()` waits for room up to `max_block_ms`, then raises.
+Why one batch at a time per source: aiokafka fails a batch that outlived
+`request_timeout_ms` while younger batches of the same partition may still get
+through, so a re-send would land after newer records. Holding a source's next
+records back until the previous ones are settled keeps every record's first
+copy in frame order. A re-sent record may have been stored already (only its
+acknowledgement was lost): delivery is at least once, and a duplicate repeats
+a record stored earlier. With the idempotent producer (the default against real
+Kafka) aiokafka retries without expiry and the broker drops duplicates.
+
+Backpressure: at most `max_in_flight_records` records are unsettled at a time;
+`publish()` waits for room, up to `max_block_ms` when set, then raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +42,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 from aiokafka.helpers import create_ssl_context
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.frames import AnnotatedFrame
 from pipeline.records import KafkaRecord, ValueFormat, encode_record
@@ -42,6 +54,7 @@ MiB = 1024 * 1024
 DEFAULT_TOPIC = "framelabel.annotations"
 CLIENT_ID = "framelabel"
 MAX_RETRY_BACKOFF_S = 10.0
+DEFAULT_DELIVERY_TIMEOUT_MS = 300_000  # a broker outage this long loses nothing
 
 Compression = Literal["gzip", "snappy", "lz4", "zstd"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -74,10 +87,11 @@ class KafkaSettings:
     request_timeout_ms: int = 30_000  # also how long aiokafka keeps retrying a batch
     connect_timeout_ms: int = 10_000  # bound on start(): bootstrap and topic creation
     max_request_bytes: int = 4 * MiB  # the largest record; brokers default to ~1 MiB (message.max.bytes)
-    max_in_flight_records: int = 1000  # unacknowledged records before publish() waits
-    max_block_ms: int = 60_000  # how long publish() waits for room before it raises
-    delivery_retries: int = 3  # our re-sends of a record whose delivery failed, after aiokafka's own
-    retry_backoff_ms: int = 500  # first backoff; doubles per retry up to MAX_RETRY_BACKOFF_S
+    max_in_flight_records: int = 1000  # unsettled records before publish() waits
+    max_block_ms: int | None = None  # how long publish() waits for room; None: until a record settles
+    delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS  # from publish() to acknowledged, re-sends included
+    delivery_retries: int | None = None  # a cap on our re-sends of a record, after aiokafka's own; None: no cap
+    retry_backoff_ms: int = 500  # first backoff; doubles per failed attempt up to MAX_RETRY_BACKOFF_S
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism = "PLAIN"
     sasl_username: str | None = None
@@ -100,11 +114,12 @@ class KafkaSettings:
             "max_request_bytes",
             "max_in_flight_records",
             "max_block_ms",
+            "delivery_timeout_ms",
         ):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"kafka.{name} must be at least 1, got {getattr(self, name)}")
         for name in ("linger_ms", "delivery_retries", "retry_backoff_ms"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"kafka.{name} must not be negative, got {getattr(self, name)}")
         if self.compression is not None and not CODEC_AVAILABLE[self.compression]():
             raise ConfigError(f"kafka.compression {self.compression!r} needs cramjam: pip install 'aiokafka[all]'")
@@ -115,7 +130,7 @@ class KafkaSettings:
 @dataclass(slots=True)
 class PublishStats:
     published: int = 0  # acknowledged by Kafka
-    failed: int = 0  # given up after every retry
+    failed: int = 0  # given up: past the delivery deadline, or not retriable
     retried: int = 0  # deliveries attempted again after a failure
 
 
@@ -123,8 +138,17 @@ class PublishStats:
 class _Delivery:
     frame: AnnotatedFrame
     record: KafkaRecord
-    attempts: int = 1
-    retry_at: float = 0.0  # time.monotonic() when the next attempt may start
+    give_up_at: float  # time.monotonic() past which a failure is final
+    attempts: int = 0  # times handed to aiokafka
+
+
+@dataclass
+class _SourceLine:
+    """One source's records not yet handed to aiokafka, and the task that hands them over in order."""
+
+    waiting: deque[_Delivery] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
 
 class Publisher:
@@ -133,12 +157,10 @@ class Publisher:
         self.stats = PublishStats()
         self._on_published = on_published
         self._producer: AIOKafkaProducer | None = None
-        self._retry_task: asyncio.Task[None] | None = None
-        self._retries: asyncio.Queue[_Delivery] = asyncio.Queue()  # bounded by the in-flight slots
+        self._lines: dict[str, _SourceLine] = {}
         self._slots = asyncio.Semaphore(settings.max_in_flight_records)
-        self._send_lock = asyncio.Lock()  # FIFO, so concurrent callers are queued in call order
-        self._unacknowledged = 0
-        self._settled = asyncio.Event()  # set while nothing is unacknowledged
+        self._unsettled = 0
+        self._settled = asyncio.Event()  # set while nothing is unsettled
         self._settled.set()
         self._failed_since_flush = 0
         self._stopped = False
@@ -177,24 +199,25 @@ class Publisher:
                 raise PublishError(f"Kafka at {settings.bootstrap_servers} refused the producer: {exc}{hint}") from exc
             raise
         self._producer = producer
-        self._retry_task = asyncio.create_task(self._resend_failed(producer), name="framelabel-publish-retry")
         log.info("publishing to Kafka topic %s at %s", settings.topic, settings.bootstrap_servers)
 
     async def publish(self, frame: AnnotatedFrame) -> None:
-        """Queue the frame's record; wait (bounded) while too many records are unacknowledged."""
+        """Queue the frame's record; wait (bounded) while too many records are unsettled."""
         if self._producer is None or self._stopped:
             raise PublishError("the publisher is not running: call start() first, and not after stop()")
-        delivery = _Delivery(frame, encode_record(frame, self.settings.value_format))
-        await self._take_slot()
-        try:
-            await self._send(self._producer, delivery)
-        except KafkaError as exc:
-            self._free_slot()
+        record = encode_record(frame, self.settings.value_format)
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
+        if size > self.settings.max_request_bytes:  # checked here: aiokafka would only refuse it in the line's task
             info = frame.info
-            raise PublishError(f"cannot queue the record of {info.source_id} frame {info.index}: {exc}") from exc
-        except BaseException:
-            self._free_slot()
-            raise
+            raise PublishError(
+                f"cannot queue the record of {info.source_id} frame {info.index}: it is {size} bytes, more than "
+                f"kafka.max_request_bytes (aiokafka's max_request_size) {self.settings.max_request_bytes}"
+            )
+        give_up_at = time.monotonic() + self.settings.delivery_timeout_ms / 1000
+        await self._take_slot()
+        line = self._line(self._producer, frame.info.source_id)
+        line.waiting.append(_Delivery(frame, record, give_up_at))
+        line.wake.set()
 
     async def flush(self) -> None:
         """Wait until every record published so far is acknowledged or given up; raise if any was given up."""
@@ -205,7 +228,7 @@ class Publisher:
             records = "record was" if failed == 1 else "records were"
             raise PublishError(
                 f"{failed} {records} not delivered to topic {settings.topic} at {settings.bootstrap_servers} "
-                f"after {settings.delivery_retries} retries (see the log for which)"
+                "(see the log for which)"
             )
 
     async def stop(self) -> None:
@@ -216,50 +239,101 @@ class Publisher:
         try:
             await self.flush()
         finally:
-            if self._retry_task is not None:
-                self._retry_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._retry_task
+            for line in self._lines.values():
+                if line.task is not None:
+                    line.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await line.task
             if self._producer is not None:
                 await self._producer.stop()
 
+    def _line(self, producer: AIOKafkaProducer, source_id: str) -> _SourceLine:
+        line = self._lines.get(source_id)
+        if line is None:
+            line = self._lines[source_id] = _SourceLine()
+            line.task = asyncio.create_task(
+                self._deliver_in_order(producer, source_id, line), name=f"framelabel-publish-{source_id}"
+            )
+        return line
+
     async def _take_slot(self) -> None:
-        timeout_s = self.settings.max_block_ms / 1000
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PublishError(
-                f"{self._unacknowledged} records still unacknowledged by Kafka at {self.settings.bootstrap_servers} "
-                f"after waiting {timeout_s:g} s for room"
-            ) from None
-        self._unacknowledged += 1
+        if self.settings.max_block_ms is None:
+            await self._slots.acquire()
+        else:
+            timeout_s = self.settings.max_block_ms / 1000
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PublishError(
+                    f"{self._unsettled} records still unacknowledged by Kafka at {self.settings.bootstrap_servers} "
+                    f"after waiting {timeout_s:g} s for room"
+                ) from None
+        self._unsettled += 1
         self._settled.clear()
 
     def _free_slot(self) -> None:
-        self._unacknowledged -= 1
+        self._unsettled -= 1
         self._slots.release()
-        if self._unacknowledged == 0:
+        if self._unsettled == 0:
             self._settled.set()
 
-    async def _send(self, producer: AIOKafkaProducer, delivery: _Delivery) -> None:
-        record = delivery.record
-        async with self._send_lock:
-            future: asyncio.Future[Any] = await producer.send(
-                self.settings.topic,
-                record.value,
-                key=record.key,
-                timestamp_ms=record.timestamp_ms,
-                headers=record.headers,
+    async def _deliver_in_order(self, producer: AIOKafkaProducer, source_id: str, line: _SourceLine) -> None:
+        """Hand the line's records to aiokafka a batch at a time; re-send failures before anything newer."""
+        failed: list[_Delivery] = []
+        failures_in_a_row = 0
+        while True:
+            if not failed:
+                await line.wake.wait()
+            line.wake.clear()
+            batch = [*failed, *line.waiting]
+            line.waiting.clear()
+            outcomes = await self._send_batch(producer, batch)
+            failed = [
+                delivery for delivery, error in zip(batch, outcomes, strict=True) if self._settle(delivery, error)
+            ]
+            if not failed:
+                failures_in_a_row = 0
+                continue
+            failures_in_a_row += 1
+            backoff_s = min(MAX_RETRY_BACKOFF_S, self.settings.retry_backoff_ms / 1000 * 2 ** (failures_in_a_row - 1))
+            backoff_s *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+            log.warning(
+                "%d records of %s not acknowledged (%s); re-sending from frame %d in %.1f s",
+                len(failed),
+                source_id,
+                next(error for error in outcomes if error is not None),
+                failed[0].frame.info.index,
+                backoff_s,
             )
-        future.add_done_callback(functools.partial(self._delivery_done, delivery))
+            await asyncio.sleep(backoff_s)
 
-    def _delivery_done(self, delivery: _Delivery, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            self._delivery_failed(delivery, KafkaError("delivery cancelled"))
-        elif (exc := future.exception()) is not None:
-            self._delivery_failed(delivery, exc)
-        else:
+    async def _send_batch(self, producer: AIOKafkaProducer, batch: list[_Delivery]) -> list[BaseException | None]:
+        """Hand each record to aiokafka in order and wait for all; per record, its error or None."""
+        futures: list[asyncio.Future[Any]] = []
+        refused: KafkaError | None = None
+        for delivery in batch:
+            record = delivery.record
+            try:
+                future = await producer.send(
+                    self.settings.topic,
+                    record.value,
+                    key=record.key,
+                    timestamp_ms=record.timestamp_ms,
+                    headers=record.headers,
+                )
+            except KafkaError as exc:  # not queued; nor are the records after it, to keep the order
+                refused = exc
+                break
+            delivery.attempts += 1
+            futures.append(future)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        errors: list[BaseException | None] = [r if isinstance(r, BaseException) else None for r in results]
+        return errors + [refused] * (len(batch) - len(futures))
+
+    def _settle(self, delivery: _Delivery, error: BaseException | None) -> bool:
+        """Count the outcome of one attempt; True if the record is to be sent again."""
+        if error is None:
             self.stats.published += 1
             self._free_slot()
             if self._on_published is not None:
@@ -267,34 +341,23 @@ class Publisher:
                     self._on_published(delivery.frame)
                 except Exception:
                     log.exception("on_published failed for %s frame %d", *_frame_id(delivery))
-
-    def _delivery_failed(self, delivery: _Delivery, exc: BaseException) -> None:
-        if _retryable(exc) and delivery.attempts <= self.settings.delivery_retries and not self._retry_task_done():
-            backoff_s = min(MAX_RETRY_BACKOFF_S, self.settings.retry_backoff_ms / 1000 * 2 ** (delivery.attempts - 1))
-            delivery.retry_at = time.monotonic() + backoff_s * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
-            delivery.attempts += 1
+            return False
+        retries = self.settings.delivery_retries
+        if (
+            _retryable(error)
+            and time.monotonic() < delivery.give_up_at
+            and (retries is None or delivery.attempts <= retries)
+        ):
             self.stats.retried += 1
-            self._retries.put_nowait(delivery)
-            return
+            return True
         self.stats.failed += 1
         self._failed_since_flush += 1
         self._free_slot()
         source_id, index = _frame_id(delivery)
-        log.error("record of %s frame %d not delivered after %d attempts: %r", source_id, index, delivery.attempts, exc)
-
-    def _retry_task_done(self) -> bool:
-        return self._retry_task is None or self._retry_task.done()
-
-    async def _resend_failed(self, producer: AIOKafkaProducer) -> None:
-        while True:
-            delivery = await self._retries.get()
-            delay_s = delivery.retry_at - time.monotonic()
-            if delay_s > 0:
-                await asyncio.sleep(delay_s)
-            try:
-                await self._send(producer, delivery)
-            except KafkaError as exc:
-                self._delivery_failed(delivery, exc)
+        log.error(
+            "record of %s frame %d not delivered after %d attempts: %r", source_id, index, delivery.attempts, error
+        )
+        return False
 
 
 def _frame_id(delivery: _Delivery) -> tuple[str, int]:
