@@ -150,7 +150,7 @@ async def run_job(config: RunConfig, console: Console) -> int:
                     loop.remove_signal_handler(sig)
     finally:
         await annotator.close()
-        console.print(summary_table(list(reports.by_source.values()), time.monotonic() - started))
+        console.print(summary_table(reports, time.monotonic() - started))
     failed_sources = [report for report in reports.by_source.values() if report.error]
     return 1 if len(failed_sources) == len(sources) else 0
 

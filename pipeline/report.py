@@ -92,16 +92,33 @@ class RunReports:
     def __init__(self, sources: list[Source], progress: ProgressDisplay | None = None) -> None:
         self.by_source = {source.source_id: SourceReport(source.source_id, source.stats) for source in sources}
         self._progress = progress
+        self.first_captured_at: float | None = None  # time.monotonic() of the earliest frame published
+        self.last_published_at: float | None = None
 
     def on_published(self, frame: AnnotatedFrame) -> None:
         report = self.by_source[frame.info.source_id]
         report.record_published(frame.info)
+        captured_at = frame.info.captured_at
+        if self.first_captured_at is None or captured_at < self.first_captured_at:
+            self.first_captured_at = captured_at
+        self.last_published_at = time.monotonic()
         if self._progress is not None:
             self._progress.update(report)
 
+    def title(self, elapsed_s: float) -> str:
+        """Throughput over the processing itself: first capture to last acknowledgement."""
+        published = sum(report.published for report in self.by_source.values())
+        if self.first_captured_at is None or self.last_published_at is None:
+            return f"framelabel run: 0 frames, {elapsed_s:.1f}s in all"
+        span = max(self.last_published_at - self.first_captured_at, 1e-6)
+        return (
+            f"framelabel run: {published} frames in {span:.2f}s ({published / span:.1f} frames/s), "
+            f"{elapsed_s:.1f}s in all"
+        )
 
-def summary_table(reports: list[SourceReport], elapsed_s: float) -> Table:
-    table = Table(title=f"framelabel run: {elapsed_s:.1f}s", title_justify="left")
+
+def summary_table(reports: RunReports, elapsed_s: float) -> Table:
+    table = Table(title=reports.title(elapsed_s), title_justify="left")
     columns = (
         "source",
         "read",
@@ -117,7 +134,7 @@ def summary_table(reports: list[SourceReport], elapsed_s: float) -> Table:
     )
     for column in columns:
         table.add_column(column, justify="left" if column in ("source", "last_published") else "right")
-    for report in reports:
+    for report in reports.by_source.values():
         stats = report.source_stats
         p50, p95 = report.latency_percentile(50), report.latency_percentile(95)
         table.add_row(

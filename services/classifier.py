@@ -31,7 +31,7 @@ from services.api.image_classifier_pb2 import (
 from services.config import PACKAGE_SCHEME, ClassifierConfig, LabelConfig, load_catalog
 from services.errors import ConfigError
 from services.imaging import ImageLimits, RGBImage, decode_image
-from services.model_families import FAMILIES, ModelFamily
+from services.model_families import FAMILIES, ModelFamily, Tensor
 
 MULTI_CLASS_TOLERANCE = 1e-6
 
@@ -74,17 +74,26 @@ class Classifier:
             raise ConfigError(f"classifier {self.name}: model gives {count} scores but {len(self.labels)} labels")
 
     def confidences(self, pixels: RGBImage) -> NDArray[np.float64]:
-        batch = self._family.preprocess(pixels)[np.newaxis]
-        (output,) = self._session.run(None, {self._input_name: batch})[:1]
-        scores = self._family.confidences(output[0])
-        if self.classification_type == ClassifierSpecification.MULTI_CLASS:
-            scores = scores / scores.sum()
-        return scores
+        return self.infer(self._family.preprocess(pixels)[np.newaxis])[0]
+
+    def prepare(self, request: AnnotationRequest) -> Tensor:
+        """The network input for one request (no batch axis); raises `InvalidImageError`."""
+        return self._family.preprocess(decode_image(request.image, self.limits))
+
+    def infer(self, batch: Tensor) -> list[NDArray[np.float64]]:
+        """One inference over a batch of prepared inputs → each image's label confidences."""
+        (outputs,) = self._session.run(None, {self._input_name: batch})[:1]
+        results = []
+        for output in outputs:
+            scores = self._family.confidences(output)
+            if self.classification_type == ClassifierSpecification.MULTI_CLASS:
+                scores = scores / scores.sum()
+            results.append(scores)
+        return results
 
     def annotate(self, request: AnnotationRequest) -> AnnotationResponse:
         """Raises `InvalidImageError` when the image cannot be used."""
-        pixels = decode_image(request.image, self.limits)
-        return self.response(self.confidences(pixels))
+        return self.response(self.infer(self.prepare(request)[np.newaxis])[0])
 
     def response(self, scores: NDArray[np.float64]) -> AnnotationResponse:
         order = np.argsort(-scores, kind="stable")

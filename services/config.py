@@ -71,6 +71,11 @@ class AuthConfig(StrictModel):
     allow_anonymous: bool | None = Field(None, description="default: only when listening on loopback")
 
 
+class BatchingConfig(StrictModel):
+    max_batch: Annotated[int, Field(ge=2)] = 8
+    max_wait_ms: Annotated[float, Field(gt=0, le=1000)] = 2.0
+
+
 class ServiceConfig(StrictModel):
     classifiers_file: Path = DEFAULT_CLASSIFIERS_FILE
     classifier: str = "imagenet"
@@ -82,6 +87,7 @@ class ServiceConfig(StrictModel):
     max_concurrent_requests: Annotated[int, Field(gt=0)] = 64
     inference_threads: Annotated[int, Field(gt=0)] = 2
     grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    batching: BatchingConfig | None = Field(None, description="dynamic batching; off by default")
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
 

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from services.api import image_classifier_service_pb2, image_classifier_service_pb2_grpc
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.auth import AuthInterceptor, Credentials
+from services.batching import Batcher, BatchingSettings
 from services.classifier import Classifier
 from services.config import ServiceConfig
 from services.errors import ConfigError, InvalidImageError
@@ -32,16 +33,23 @@ SERVICE_NAME = image_classifier_service_pb2.DESCRIPTOR.services_by_name["ImageCl
 
 
 class AnnotateServicer(image_classifier_service_pb2_grpc.ImageClassifierServiceServicer):
-    def __init__(self, classifier: Classifier, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, classifier: Classifier, executor: ThreadPoolExecutor, batcher: Batcher | None) -> None:
         self._classifier = classifier
         self._executor = executor
+        self._batcher = batcher
+
+    async def _annotate(self, request: AnnotationRequest) -> AnnotationResponse:
+        loop = asyncio.get_running_loop()
+        if self._batcher is None:
+            return await loop.run_in_executor(self._executor, self._classifier.annotate, request)
+        prepared = await loop.run_in_executor(self._executor, self._classifier.prepare, request)
+        return self._classifier.response(await self._batcher.confidences(prepared))
 
     async def Annotate(
         self, request: AnnotationRequest, context: aio.ServicerContext[AnnotationRequest, AnnotationResponse]
     ) -> AnnotationResponse:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._classifier.annotate, request)
+            return await self._annotate(request)
         except InvalidImageError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
@@ -96,8 +104,12 @@ class AnnotateServer:
                 ("grpc.max_send_message_length", config.message_limit),
             ],
         )
+        batcher = None
+        if config.batching is not None:
+            settings = BatchingSettings(config.batching.max_batch, config.batching.max_wait_ms)
+            batcher = Batcher(classifier, self._executor, settings)
         image_classifier_service_pb2_grpc.add_ImageClassifierServiceServicer_to_server(
-            AnnotateServicer(classifier, self._executor), self._server
+            AnnotateServicer(classifier, self._executor, batcher), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -120,7 +132,7 @@ class AnnotateServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving classifier %s (%s, %d labels) on %s:%d tls=%s auth=%s",
+            "serving classifier %s (%s, %d labels) on %s:%d tls=%s auth=%s batching=%s",
             self.classifier.name,
             self.classifier.specification.ClassificationType.Name(self.classifier.classification_type),
             len(self.classifier.labels),
@@ -128,6 +140,7 @@ class AnnotateServer:
             self.port,
             "on" if self.config.tls else "off",
             "on" if self.auth_enabled else "off",
+            "off" if self.config.batching is None else f"≤{self.config.batching.max_batch}",
         )
 
     async def stop(self) -> None:

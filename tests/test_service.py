@@ -20,6 +20,7 @@ from grpc_tools import protoc
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassifierSpecification
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api.image_pb2 import Image
+from services.classifier import Classifier
 from tests.helpers import ServiceProcess, jpeg, photo, request
 from tests.test_imaging import png, png_bomb, with_jpeg_size
 
@@ -185,3 +186,25 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(
     assert all(result.annotations for result in results)
     assert service.stop() == 0
     assert any("stopped" in line for line in service.log)
+
+
+def test_dynamic_batching_answers_as_single_calls_do(
+    service_factory: Callable[..., ServiceProcess], tmp_path: Path, classifiers: dict[str, Classifier]
+) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text("batching: {max_batch: 4, max_wait_ms: 50}\n")
+    service = service_factory("--config", str(config))
+    assert any("batching=≤4" in line for line in service.log)
+    photos = [jpeg(photo(name)) for name in ("coffee", "chelsea", "rocket", "astronaut")] * 3
+    with grpc.insecure_channel(service.address) as channel:
+        stub = ImageClassifierServiceStub(channel)
+        calls = [stub.Annotate.future(request(content), timeout=60) for content in photos]
+        bad = stub.Annotate.future(request(b"not an image"), timeout=60)
+        responses = [call.result() for call in calls]
+        with pytest.raises(grpc.RpcError) as refused:
+            bad.result()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for content, response in zip(photos, responses, strict=True):
+        single = classifiers["imagenet"].annotate(request(content))
+        assert response.annotations[0].label.name == single.annotations[0].label.name
+        assert response.annotations[0].confidence == pytest.approx(single.annotations[0].confidence, abs=1e-4)
