@@ -29,6 +29,13 @@ def test_imagenet_sees_espresso_in_coffee(classifiers: dict[str, Classifier]) ->
     assert confidence > 0.9
 
 
+def test_int8_imagenet_agrees_on_a_clear_photo() -> None:
+    int8 = load_classifier("imagenet-int8", DEFAULT_CLASSIFIERS_FILE)
+    name, confidence = top_label(int8, "coffee")
+    assert name == "espresso"
+    assert confidence > 0.8
+
+
 def test_imagenet_sees_a_cat_in_chelsea(classifiers: dict[str, Classifier]) -> None:
     imagenet = classifiers["imagenet"]
     name, _ = top_label(imagenet, "chelsea")
@@ -125,5 +132,5 @@ def test_bad_classifier_entries_are_refused_by_name(tmp_path: Path, change: dict
 
 
 def test_unknown_classifier_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown classifier 'nope'.*imagenet, moderation, nudity"):
+    with pytest.raises(ConfigError, match=r"unknown classifier 'nope'.*imagenet, imagenet-int8, moderation, nudity"):
         load_classifier("nope", DEFAULT_CLASSIFIERS_FILE)
