@@ -74,11 +74,15 @@ class Classifier:
             raise ConfigError(f"classifier {self.name}: model gives {count} scores but {len(self.labels)} labels")
 
     def confidences(self, pixels: RGBImage) -> NDArray[np.float64]:
-        return self.infer(self._family.preprocess(pixels)[np.newaxis])[0]
+        return self.infer(self.preprocess(pixels)[np.newaxis])[0]
+
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        """The network input for one image (no batch axis)."""
+        return self._family.preprocess(pixels)
 
     def prepare(self, request: AnnotationRequest) -> Tensor:
-        """The network input for one request (no batch axis); raises `InvalidImageError`."""
-        return self._family.preprocess(decode_image(request.image, self.limits))
+        """The network input for one request; raises `InvalidImageError`."""
+        return self.preprocess(decode_image(request.image, self.limits))
 
     def infer(self, batch: Tensor) -> list[NDArray[np.float64]]:
         """One inference over a batch of prepared inputs → each image's label confidences."""
