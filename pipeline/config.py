@@ -45,6 +45,7 @@ class SourceConfig(StrictModel):
     backoff_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
     backoff_max_seconds: Annotated[float, Field(gt=0)] = 10.0
     rtsp_transport: Literal["tcp", "udp", "udp_multicast", "http", "https"] = "tcp"
+    decode_threads: Annotated[int, Field(ge=0)] = 1
 
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> SourceConfig:

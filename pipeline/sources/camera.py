@@ -168,6 +168,8 @@ class CameraSource(ThreadedSource):
             self.settings.open_timeout_ms,
             cv2.CAP_PROP_READ_TIMEOUT_MSEC,
             self.settings.read_timeout_ms,
+            cv2.CAP_PROP_N_THREADS,
+            self.settings.decode_threads,
         ]
         return open_capture(self.uri, timeouts)
 

@@ -76,7 +76,7 @@ class VideoFileSource(ThreadedSource):
         if size == 0:
             raise SourceError(f"video file {self.path}: the file is empty")
         try:
-            capture = open_capture(self.path)
+            capture = open_capture(self.path, [cv2.CAP_PROP_N_THREADS, self.settings.decode_threads])
         except cv2.error as exc:
             raise SourceError(f"video file {self.path}: OpenCV cannot open it: {exc}") from exc
         if not capture.isOpened():
