@@ -53,9 +53,10 @@ class EmbeddedBroker:
     Use `with`, `async with`, or `start()` and `stop()`; stopping twice is harmless.
     """
 
-    def __init__(self, port: int = 0, *, binary: Path | None = None) -> None:
+    def __init__(self, port: int = 0, *, binary: Path | None = None, advertised_port: int | None = None) -> None:
         self._requested_port = port
         self._binary = binary
+        self._advertised_port = advertised_port  # another port clients reach it through (a proxy); default: its own
         self._port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._output: IO[bytes] | None = None
@@ -83,9 +84,10 @@ class EmbeddedBroker:
             raise BrokerError(f"Tansu broker binary not found or not executable: {binary}")
         port = _free_port(self._requested_port)
         url = f"tcp://{LOOPBACK}:{port}"
+        advertised = f"tcp://{LOOPBACK}:{self._advertised_port or port}"
         self._output = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call; closed by stop()
         self._process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +29,31 @@ from services.imaging import ImageLimits, sniff_format
 
 log = logging.getLogger("framelabel")
 
+LIBRARY_REPEAT_SECONDS = 10.0
+
 
 def response_json(response: AnnotationResponse) -> str:
     """The protobuf JSON mapping with the API reference's field names (`request_id`, …)."""
     return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+
+
+class _LibraryRepeats(logging.Filter):
+    """Let each message of a chatty library through once per `seconds`: aiokafka logs every retry,
+    ten lines a second while a broker is unreachable; framelabel says what the outage costs."""
+
+    def __init__(self, prefix: str, seconds: float) -> None:
+        super().__init__()
+        self._prefix, self._seconds = prefix, seconds
+        self._last: dict[tuple[str, object], float] = {}  # bounded: one entry per message template
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefix):
+            return True
+        key, now = (record.name, record.msg), time.monotonic()
+        if now - self._last.get(key, -self._seconds) < self._seconds:
+            return False
+        self._last[key] = now
+        return True
 
 
 def _setup_logging(level: str) -> None:
@@ -39,6 +61,8 @@ def _setup_logging(level: str) -> None:
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if level != "debug":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_LibraryRepeats("aiokafka", LIBRARY_REPEAT_SECONDS))
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 

@@ -1,0 +1,93 @@
+"""Faults while `framelabel run` works: links cut, brokers and services restarted, cameras lost or stalled, SIGTERM.
+
+Real parts only, on 127.0.0.1: a Kafka-protocol broker (Tansu; noida-db where data must
+survive a restart), the gRPC service as its own process, real clips and cameras. Each
+test measures what it promises (frames lost, duplicates, order, time to recover) and
+records the figures for the README's Reliability section (see tests/figures.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.broker import EmbeddedBroker
+from tests.cameras import CLIPS, free_port
+from tests.faults import (
+    TcpProxy,
+    TopicWatcher,
+    delivery_figures,
+    eventually,
+    pipeline_run,
+    tcp_proxy,
+    write_run_config,
+)
+from tests.kafka import read_topic
+from tests.test_run import frame_count
+
+REQUEST_TIMEOUT_MS = 6000  # the producer's, in these runs: the long cut outlasts it
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bikes.mp4 twice over at 320 px: 500 frames, 20 s at 25 fps, a keyframe every second (for resuming)."""
+    clip = tmp_path_factory.mktemp("clips") / "bikes-20s.mp4"
+    command = ["ffmpeg", "-v", "error", "-stream_loop", "1", "-i", str(CLIPS / "bikes.mp4"), "-an"]
+    command += ["-vf", "scale=320:-2", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", str(clip)]
+    subprocess.run(command, check=True, timeout=120)
+    return clip
+
+
+@pytest.fixture
+async def proxied_broker() -> AsyncIterator[tuple[EmbeddedBroker, TcpProxy]]:
+    """Tansu, reachable only through a proxy: it advertises the proxy's port, so every client goes through it."""
+    proxy_port = free_port()
+    async with EmbeddedBroker(advertised_port=proxy_port) as broker:
+        broker_port = int(broker.address.rsplit(":", 1)[1])
+        async with tcp_proxy(broker_port, proxy_port) as proxy:
+            yield broker, proxy
+
+
+async def cut_for(proxy: TcpProxy, seconds: float) -> float:
+    """Cut the link for `seconds` (the length of the outage is the fault itself); the wall time of the restore."""
+    await proxy.cut()
+    await asyncio.sleep(seconds)
+    await proxy.restore()
+    return time.time()
+
+
+async def test_kafka_link_cut_mid_replay_loses_nothing_and_keeps_order(
+    proxied_broker: tuple[EmbeddedBroker, TcpProxy], long_clip: Path, tmp_path: Path, figures: dict[str, object]
+) -> None:
+    _broker, proxy = proxied_broker
+    bootstrap = f"127.0.0.1:{proxy.port}"
+    source = {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 2}
+    config = write_run_config(tmp_path, bootstrap, [source], kafka={"request_timeout_ms": REQUEST_TIMEOUT_MS})
+    recoveries = []
+    async with TopicWatcher(bootstrap) as watcher:
+        with pipeline_run(config) as run:
+            await eventually(lambda: watcher.count("clip") >= 10, "the first records")
+            for seconds in (REQUEST_TIMEOUT_MS / 2000, 10.0):  # within the request timeout, then well past it
+                cut_at = time.time()
+                restored_at = await cut_for(proxy, seconds)
+                recoveries.append(await watcher.seconds_to_recover("clip", cut_at, restored_at))
+            code = await run.end(wait_s=120)
+    assert code == 0, run.log()
+    expected = list(range(0, frame_count(long_clip), 2))
+    found = delivery_figures([r for r in await read_topic(bootstrap, "frames") if r.source_id == "clip"], expected)
+    summary = run.summary("clip")
+    figures["kafka link cut (3 s, 10 s): frames lost"] = found.lost
+    figures["kafka link cut (3 s, 10 s): duplicates"] = found.duplicates
+    figures["kafka link cut (3 s, 10 s): records expected"] = found.expected
+    figures["kafka link cut: seconds from restore to records flowing (3 s cut)"] = recoveries[0]
+    figures["kafka link cut: seconds from restore to records flowing (10 s cut)"] = recoveries[1]
+    assert found.lost == 0
+    assert found.in_order
+    assert summary["published"] == summary["annotated"] == len(expected)
+    assert summary["failed"] == 0
+    assert "re-sending from frame" in run.log()  # the long cut did expire batches: the re-send path ran
