@@ -124,15 +124,17 @@ class Runner:
             log.warning("source %s frame %d: cannot encode: %s", report.source_id, frame.info.index, exc)
             return None
         backoff = 0.5
+        live = lane.source.policy is DeliveryPolicy.LIVE
         while True:
             try:
-                response = await self._annotator.annotate(encoded.request)
+                # a live frame is not worth waiting for: the next one is fresher
+                response = await self._annotator.annotate(encoded.request, patient=not live)
             except InvalidImageError as exc:
                 report.failed += 1
                 log.warning("source %s frame %d: INVALID_ARGUMENT: %s", report.source_id, frame.info.index, exc)
                 return None
             except AnnotatorUnavailable as exc:
-                if lane.source.policy is DeliveryPolicy.LIVE or self._stopping.is_set():
+                if live or self._stopping.is_set():
                     report.failed += 1
                     log.warning("source %s frame %d: not annotated: %s", report.source_id, frame.info.index, exc)
                     return None

@@ -9,28 +9,33 @@ records the figures for the README's Reliability section (see tests/figures.py).
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from pipeline.broker import EmbeddedBroker
-from tests.cameras import CLIPS, free_port
+from tests.cameras import CLIPS, free_port, http_mjpeg_camera
 from tests.faults import (
     TcpProxy,
     TopicWatcher,
     delivery_figures,
     eventually,
+    noida_broker,
     pipeline_run,
     tcp_proxy,
     write_run_config,
 )
-from tests.kafka import read_topic
+from tests.helpers import ServiceProcess
+from tests.kafka import kafka_broker, read_topic
 from tests.test_run import frame_count
 
 REQUEST_TIMEOUT_MS = 6000  # the producer's, in these runs: the long cut outlasts it
+BROKER_OUTAGE_S = 5.0
+SERVICE_OUTAGE_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +96,76 @@ async def test_kafka_link_cut_mid_replay_loses_nothing_and_keeps_order(
     assert summary["published"] == summary["annotated"] == len(expected)
     assert summary["failed"] == 0
     assert "re-sending from frame" in run.log()  # the long cut did expire batches: the re-send path ran
+
+
+async def test_broker_restarted_mid_replay_with_idempotence_loses_nothing_and_stores_no_duplicate(
+    long_clip: Path, tmp_path: Path, figures: dict[str, object]
+) -> None:
+    source = {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 2}
+    with noida_broker(tmp_path / "noida") as broker:
+        config = write_run_config(tmp_path, broker.address, [source], idempotent=True)
+        async with TopicWatcher(broker.address) as watcher:
+            with pipeline_run(config) as run:
+                await eventually(lambda: watcher.count("clip") >= 10, "the first records")
+                stopped_at = time.time()
+                await asyncio.to_thread(broker.stop)
+                await asyncio.sleep(BROKER_OUTAGE_S)  # the outage itself
+                await asyncio.to_thread(broker.start)
+                recovery = await watcher.seconds_to_recover("clip", stopped_at, time.time())
+                code = await run.end(wait_s=120)
+        assert code == 0, run.log()
+        records = [r for r in await read_topic(broker.address, "frames") if r.source_id == "clip"]
+    expected = list(range(0, frame_count(long_clip), 2))
+    found = delivery_figures(records, expected)
+    figures[f"broker restart ({BROKER_OUTAGE_S:g} s down, idempotent): frames lost"] = found.lost
+    figures[f"broker restart ({BROKER_OUTAGE_S:g} s down, idempotent): duplicates"] = found.duplicates
+    figures["broker restart: seconds from broker back to records flowing"] = recovery
+    assert (found.lost, found.duplicates) == (0, 0)
+    assert found.in_order
+    summary = run.summary("clip")
+    assert summary["published"] == summary["annotated"] == len(expected)
+
+
+async def test_annotate_service_killed_and_restarted_replay_loses_nothing_and_the_camera_goes_on(
+    service_factory: Callable[..., ServiceProcess], long_clip: Path, tmp_path: Path, figures: dict[str, object]
+) -> None:
+    service = service_factory("--classifier", "imagenet")
+    expected_clip = list(range(0, frame_count(long_clip), 4))
+    sources = [
+        {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 4},
+        {"id": "cam", "uri": "", "fps": 5},
+    ]
+    async with kafka_broker() as broker:
+        with http_mjpeg_camera(CLIPS / "bikes.mp4") as camera:
+            sources[1]["uri"] = camera.url
+            annotator = {"kind": "grpc", "targets": [service.address]}
+            config = write_run_config(tmp_path, broker.address, sources, annotator=annotator)
+            async with TopicWatcher(broker.address) as watcher:
+                with pipeline_run(config) as run:
+                    await eventually(lambda: min(watcher.count("clip"), watcher.count("cam")) >= 3, "both sources")
+                    killed_at = time.time()
+                    await asyncio.to_thread(service.process.kill)
+                    await asyncio.to_thread(service.process.wait)
+                    await asyncio.sleep(SERVICE_OUTAGE_S)  # the outage itself
+                    await asyncio.to_thread(service_factory, "--classifier", "imagenet", "--port", str(service.port))
+                    back_at = time.time()
+                    replay_recovery = await watcher.seconds_to_recover("clip", killed_at, back_at)
+                    camera_recovery = await watcher.seconds_to_recover("cam", back_at, back_at)
+                    await eventually(lambda: watcher.count("clip") == len(expected_clip), "the whole replay", 90)
+                    code = await run.end(signal.SIGTERM)
+        assert code == 0, run.log()
+        records = await read_topic(broker.address, "frames")
+    found = delivery_figures([r for r in records if r.source_id == "clip"], expected_clip)
+    camera_summary = run.summary("cam")
+    figures[f"annotate service down {SERVICE_OUTAGE_S:g} s: replay frames lost"] = found.lost
+    figures["annotate service down: seconds from service back to replay records flowing"] = replay_recovery
+    figures["annotate service down: seconds from service back to fresh camera records"] = camera_recovery
+    figures["annotate service down: camera frames dropped, failed"] = (
+        camera_summary["dropped"],
+        camera_summary["failed"],
+    )
+    assert (found.lost, found.duplicates) == (0, 0)
+    assert found.in_order
+    camera_indexes = [r.frame_index for r in records if r.source_id == "cam"]
+    assert camera_indexes == sorted(camera_indexes)
+    assert int(camera_summary["dropped"]) + int(camera_summary["failed"]) > 0  # the outage is counted, not hidden

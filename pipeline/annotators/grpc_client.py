@@ -27,6 +27,7 @@ from services.server import SERVICE_NAME
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", DEFAULT_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", DEFAULT_MESSAGE_BYTES),
+        # gRPC's reconnect backoff grows to 120 s by default: a service back after a long outage would sit unused
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
     if not settings.tls:
         return aio.insecure_channel(target, options=options)
@@ -99,8 +102,9 @@ class GrpcAnnotator:
         scheme = "grpcs" if self.settings.tls else "grpc"
         return ", ".join(f"{scheme}://{target}" for target in self.settings.targets)
 
-    async def annotate(self, request: AnnotationRequest) -> AnnotationResponse:
-        give_up_at = time.monotonic() + self.settings.retry_for_seconds
+    async def annotate(self, request: AnnotationRequest, *, patient: bool = True) -> AnnotationResponse:
+        """Impatient calls give up after gRPC's own retries instead of waiting out an outage."""
+        give_up_at = time.monotonic() + (self.settings.retry_for_seconds if patient else 0.0)
         backoff = 0.2
         async with self._in_flight:
             while True:

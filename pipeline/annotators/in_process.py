@@ -18,7 +18,7 @@ class InProcessAnnotator:
     def description(self) -> str:
         return f"in-process classifier {self._classifier.name}"
 
-    async def annotate(self, request: AnnotationRequest) -> AnnotationResponse:
+    async def annotate(self, request: AnnotationRequest, *, patient: bool = True) -> AnnotationResponse:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._classifier.annotate, request)
 
