@@ -31,6 +31,7 @@ from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings, open_source
 from services.classifier import load_classifier
 from services.errors import ConfigError
+from services.runtime import settle_heap
 
 log = logging.getLogger("framelabel.run")
 
@@ -133,6 +134,7 @@ async def run_job(config: RunConfig, console: Console) -> int:
             publisher = Publisher(kafka_settings(config.kafka, bootstrap, embedded), on_published=reports.on_published)
             await publisher.start()
             runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
+            settle_heap()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, _stop_on_signal, runner, sig)

@@ -26,6 +26,7 @@ from services.batching import Batcher, BatchingSettings
 from services.classifier import Classifier
 from services.config import ServiceConfig
 from services.errors import ConfigError, InvalidImageError
+from services.runtime import settle_heap
 
 log = logging.getLogger("framelabel.serve")
 
@@ -159,6 +160,7 @@ async def serve(config: ServiceConfig, classifier: Classifier) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    settle_heap()
     await stop.wait()
     log.info("signal received: finishing in-flight calls (grace %.0fs)", config.grace_seconds)
     await server.stop()
