@@ -9,16 +9,21 @@ records the figures for the README's Reliability section (see tests/figures.py).
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
+import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import cv2
 import pytest
 
 from pipeline.broker import EmbeddedBroker
-from tests.cameras import CLIPS, free_port, http_mjpeg_camera
+from tests.cameras import CLIPS, free_port, http_mjpeg_camera, rtsp_camera
 from tests.faults import (
     TcpProxy,
     TopicWatcher,
@@ -36,6 +41,11 @@ from tests.test_run import frame_count
 REQUEST_TIMEOUT_MS = 6000  # the producer's, in these runs: the long cut outlasts it
 BROKER_OUTAGE_S = 5.0
 SERVICE_OUTAGE_S = 5.0
+CAMERA_OUTAGE_S = 5.0
+BACKOFF_CAP_S = 2.0
+STALL_S = 3.0
+SILENT_OPEN_TIMEOUT_MS = 15_000
+RESUME_HINT = re.compile(r"frame (?P<index>\d+) @ (?P<seconds>[\d.]+)s")
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +179,129 @@ async def test_annotate_service_killed_and_restarted_replay_loses_nothing_and_th
     camera_indexes = [r.frame_index for r in records if r.source_id == "cam"]
     assert camera_indexes == sorted(camera_indexes)
     assert int(camera_summary["dropped"]) + int(camera_summary["failed"]) > 0  # the outage is counted, not hidden
+
+
+async def test_rtsp_camera_killed_and_back_flows_again_within_the_backoff_cap_and_others_never_stall(
+    long_clip: Path, tmp_path: Path, figures: dict[str, object]
+) -> None:
+    port = free_port()
+    async with kafka_broker() as broker:
+        with rtsp_camera(long_clip, port) as camera:
+            sources = [
+                {"id": "cam", "uri": camera.url, "fps": 5, "backoff_max_seconds": BACKOFF_CAP_S},
+                {"id": "clip", "uri": str(long_clip), "realtime": True, "loop": True, "every_nth": 5},
+            ]
+            config = write_run_config(tmp_path, broker.address, sources)
+            async with TopicWatcher(broker.address) as watcher:
+                with pipeline_run(config) as run:
+                    await eventually(lambda: min(watcher.count("cam"), watcher.count("clip")) >= 3, "both sources")
+                    killed_at = time.time()
+                    await asyncio.to_thread(camera.stop)
+                    await asyncio.sleep(CAMERA_OUTAGE_S)  # the outage itself
+                    with rtsp_camera(long_clip, port):
+                        back_at = time.time()
+                        await watcher.seconds_to_recover("cam", back_at, back_at)
+                    code = await run.end(signal.SIGTERM)
+    assert code == 0, run.log()
+    first_fresh = min(r.capture_time_ms for r in watcher.records("cam") if r.capture_time_ms / 1000 > back_at)
+    recovery = first_fresh / 1000 - back_at
+    others = [r.capture_time_ms / 1000 for r in watcher.records("clip") if killed_at - 1 < r.capture_time_ms / 1000]
+    longest_gap = max(later - earlier for earlier, later in itertools.pairwise(others))
+    figures[f"rtsp camera down {CAMERA_OUTAGE_S:g} s: seconds from camera back to its first frame"] = recovery
+    figures["rtsp camera down: longest gap between the other source's frames, s"] = longest_gap
+    assert recovery <= BACKOFF_CAP_S + 2
+    assert others[-1] > back_at  # the other source went on through the outage …
+    assert longest_gap < 2.0  # … without stalling (it captures every 0.2 s)
+    assert int(run.summary("cam")["reconnects"]) >= 1
+
+
+async def test_a_stalled_camera_is_reopened_and_a_silent_one_holds_up_nobody(
+    long_clip: Path, tmp_path: Path, figures: dict[str, object]
+) -> None:
+    timeouts = {"open_timeout_ms": 2000, "read_timeout_ms": 2000, "stall_seconds": STALL_S, "backoff_max_seconds": 1}
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes each TCP handshake; nothing ever answers
+        silent_url = f"rtsp://127.0.0.1:{silent.getsockname()[1]}/cam"
+        async with kafka_broker() as broker:
+            with rtsp_camera(long_clip) as camera:
+                sources = [
+                    {"id": "cam", "uri": camera.url, "fps": 5, **timeouts},
+                    {"id": "silent", "uri": silent_url, "open_timeout_ms": SILENT_OPEN_TIMEOUT_MS, "stall_seconds": 20},
+                    {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 5},
+                ]
+                config = write_run_config(tmp_path, broker.address, sources)
+                async with TopicWatcher(broker.address) as watcher:
+                    started = time.time()
+                    with pipeline_run(config) as run:
+                        await eventually(lambda: watcher.count("clip") >= 1, "the replay's first record")
+                        first_replay_record = next(a.at for a in watcher.arrivals if a.record.source_id == "clip")
+                        await eventually(lambda: watcher.count("cam") >= 3, "the camera's first records")
+                        frozen_at = time.time()
+                        camera.process.send_signal(signal.SIGSTOP)  # open, but silent
+                        try:
+                            await eventually(lambda: "camera cam" in run.log(), "the stall to be noticed", 30)
+                        finally:
+                            camera.process.send_signal(signal.SIGCONT)
+                        thawed_at = time.time()
+                        await watcher.seconds_to_recover("cam", thawed_at, thawed_at)
+                        code = await run.end(signal.SIGTERM)
+    assert code == 0, run.log()
+    noticed = next(line for line in run.stderr if "camera cam" in line)
+    detection = log_time(noticed) - frozen_at
+    figures[f"stalled camera (stall_seconds {STALL_S:g}): seconds until noticed"] = detection
+    figures["silent camera: seconds from start to the replay's first record"] = first_replay_record - started
+    assert detection <= STALL_S + 2
+    assert first_replay_record - started < SILENT_OPEN_TIMEOUT_MS / 1000  # not held up by the silent camera's open
+    assert watcher.count("silent") == 0
+    assert int(run.summary("cam")["reconnects"]) >= 1
+
+
+def log_time(line: str) -> float:
+    """The wall time a `framelabel run` log line was written (its timestamp has ms, local time)."""
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+async def test_sigterm_mid_replay_publishes_what_was_annotated_and_resumes_without_gaps(
+    tmp_path: Path, figures: dict[str, object]
+) -> None:
+    clip = CLIPS / "bigbuckbunny.mp4"
+    async with kafka_broker() as broker:
+        first = write_run_config(tmp_path, broker.address, [{"id": "bunny", "uri": str(clip), "realtime": True}])
+        async with TopicWatcher(broker.address) as watcher:
+            with pipeline_run(first) as run:
+                await eventually(lambda: watcher.count("bunny") >= 20, "records before the signal")
+                code = await run.end(signal.SIGTERM)
+        assert code == 0, run.log()
+        summary = run.summary("bunny")
+        stopped = RESUME_HINT.fullmatch(str(summary["last_published"]))
+        assert stopped is not None, summary
+        before = await read_topic(broker.address, "frames")
+        assert [r.frame_index for r in before] == list(range(int(stopped["index"]) + 1))
+        assert summary["annotated"] == summary["published"] == len(before)  # nothing annotated was left behind
+        assert summary["failed"] == 0
+
+        resume = {"id": "bunny", "uri": str(clip), "start_ms": float(stopped["seconds"]) * 1000}
+        second = write_run_config(tmp_path, broker.address, [resume])
+        with pipeline_run(second) as rerun:
+            assert await rerun.end() == 0, rerun.log()
+        after = (await read_topic(broker.address, "frames"))[len(before) :]
+    positions = [r.media_position_ms for r in before + after]
+    figures["sigterm mid-replay: frames published before the signal"] = len(before)
+    figures["sigterm mid-replay, resumed at the summary's position: frames missing, repeated"] = (
+        len(set(media_positions(clip)) - set(positions)),
+        len(positions) - len(set(positions)),
+    )
+    assert set(positions) == set(media_positions(clip))
+    assert len(positions) - len(set(positions)) <= 1  # at most the frame it stopped at, published again
+
+
+def media_positions(clip: Path) -> list[float]:
+    """Every frame's position in ms, as the video source reads it (25 fps: whole ms)."""
+    capture = cv2.VideoCapture(str(clip))
+    positions = []
+    while capture.grab():
+        positions.append(round(capture.get(cv2.CAP_PROP_POS_MSEC), 3))
+    capture.release()
+    return positions
