@@ -87,6 +87,8 @@ def decode_image(image: Image, limits: ImageLimits) -> RGBImage:
             f"cannot decode image: content is neither JPEG nor PNG (starts with {content[:8].hex()})"
         )
     declared = image.image_type
+    if declared not in Image.ImageType.values():  # proto3 enums are open: any int32 arrives
+        raise InvalidImageError(f"image_type {declared} is not an ImageType (IMAGE_TYPE_UNSPECIFIED, JPEG or PNG)")
     if declared != Image.IMAGE_TYPE_UNSPECIFIED and declared != image_format.value:
         raise InvalidImageError(f"content is {image_format.name} but image_type says {Image.ImageType.Name(declared)}")
     width, height = image_size(content, image_format)

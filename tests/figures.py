@@ -11,7 +11,7 @@ import pytest
 MEASURED: dict[str, object] = {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def figures() -> dict[str, object]:
     return MEASURED
 
