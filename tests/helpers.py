@@ -84,3 +84,10 @@ def start_service(*args: str, env: dict[str, str] | None = None) -> ServiceProce
         service.stop()
         raise RuntimeError("framelabel serve did not start:\n" + "".join(service.log))
     return service
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024

@@ -25,7 +25,7 @@ from services.api.image_pb2 import Image
 from services.classifier import Classifier
 from services.errors import InvalidImageError
 from services.imaging import ImageLimits, decode_image
-from tests.helpers import ServiceProcess, photo, request
+from tests.helpers import ServiceProcess, photo, request, rss_mb
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
 FUZZ = settings(
@@ -125,12 +125,6 @@ def test_the_classifier_annotates_or_refuses_mutated_images(classifiers: dict[st
     _count("Classifier.annotate, annotated")
     assert len(response.annotations) == 1000
     assert abs(sum(a.confidence for a in response.annotations) - 1.0) < 1e-4  # no NaN from a half-decoded image
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 @pytest.fixture(scope="module")
