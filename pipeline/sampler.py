@@ -30,6 +30,7 @@ class Sampler:
     def __init__(self, settings: SamplingSettings) -> None:
         self._settings = settings
         self._next_due_ms: float | None = None
+        self._previous_ms: float | None = None
 
     def keep(self, info: FrameInfo) -> bool:
         if self._settings.every_nth is not None:
@@ -38,6 +39,9 @@ class Sampler:
             return True
         now_ms = info.media_position_ms if info.media_position_ms is not None else info.captured_at * 1000.0
         period_ms = 1000.0 / self._settings.fps
+        if self._previous_ms is not None and now_ms < self._previous_ms:
+            self._next_due_ms = None  # the clock went back (a looping replay started over): a new schedule
+        self._previous_ms = now_ms
         if self._next_due_ms is not None and now_ms < self._next_due_ms:
             return False
         # schedule from the due time, not from now, so the rate does not drift down;

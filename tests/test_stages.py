@@ -34,6 +34,11 @@ def test_fps_on_the_media_clock_of_a_25fps_file() -> None:
     assert kept(SamplingSettings(fps=5), frames) == list(range(0, 100, 5))
 
 
+def test_fps_on_the_media_clock_starts_over_when_a_looping_replay_does() -> None:
+    two_passes = [info(i, media_position_ms=(i % 50) * 40.0) for i in range(100)]  # a 2 s file, looped
+    assert kept(SamplingSettings(fps=5), two_passes) == list(range(0, 100, 5))
+
+
 def test_fps_on_the_capture_clock_does_not_burst_after_a_stall() -> None:
     times = [0.0, 0.1, 0.2, 0.3, 0.5, 3.0, 3.05, 3.1, 3.2, 3.5]
     frames = [info(i, captured_at=t) for i, t in enumerate(times)]
