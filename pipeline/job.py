@@ -129,6 +129,8 @@ async def run_job(config: RunConfig, console: Console) -> int:
     annotator = build_annotator(config.annotator)
     started = time.monotonic()
     try:
+        if isinstance(annotator, GrpcAnnotator):
+            await annotator.wait_until_reachable(config.annotator.retry_for_seconds)
         async with kafka_bootstrap(config.kafka, console) as bootstrap:
             embedded = config.kafka.bootstrap_servers == EMBEDDED
             publisher = Publisher(kafka_settings(config.kafka, bootstrap, embedded), on_published=reports.on_published)

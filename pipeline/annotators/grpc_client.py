@@ -128,6 +128,25 @@ class GrpcAnnotator:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
                 backoff = min(backoff * 2, self.settings.max_backoff_seconds)
 
+    async def wait_until_reachable(self, within_s: float) -> None:
+        """Return once any target answers a connection; AnnotatorUnavailable naming them all if none does in time.
+
+        Called at start-up, so that a wrong address or TLS setting is one clear error, not a replay
+        that waits forever for a service that will never come."""
+        ready = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
+        try:
+            done, _ = await asyncio.wait(ready, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in ready:
+                waiter.cancel()
+        if not done:
+            tls = "TLS settings it does not accept" if self.settings.tls else "it wants TLS"
+            raise AnnotatorUnavailable(
+                f"cannot reach the Annotate service at {', '.join(self.settings.targets)} within {within_s:g} s "
+                f"(not running, a wrong address, or {tls})",
+                "UNAVAILABLE",
+            )
+
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
