@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CHECKED := pipeline services tests tools
 
-.PHONY: demo test lint proto system-deps clean
+.PHONY: demo test lint proto system-deps soak fuzz clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ lint: $(INSTALLED)
 test: $(INSTALLED) system-deps lint
 	$(BIN)/python tools/gen_proto.py --check
 	$(BIN)/pytest
+
+# The long versions of the reliability tests, not in `make test`: 60 s of 16 clients on the
+# service, then a 10-minute soak of the pipeline (a looping clip and a live camera).
+soak: $(INSTALLED) system-deps
+	$(BIN)/python tools/load.py --clients 16 --seconds 60
+	$(BIN)/python tools/soak.py --minutes 10
+
+# The fuzz tests with FUZZ_SCALE times as many inputs (20: ~106,000), new random ones each run.
+FUZZ_SCALE ?= 20
+fuzz: $(INSTALLED)
+	FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/pytest tests/test_fuzz.py --timeout 3600
 
 proto: $(INSTALLED)
 	$(BIN)/python tools/gen_proto.py
