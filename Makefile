@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-CHECKED := pipeline services tests tools
+CHECKED := pipeline services tests tools bench
 
-.PHONY: demo test lint proto system-deps soak fuzz clean
+.PHONY: demo test lint proto system-deps bench soak fuzz clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(INSTALLED)
 test: $(INSTALLED) system-deps lint
 	$(BIN)/python tools/gen_proto.py --check
 	$(BIN)/pytest
+
+# Figures, not tests: prints one table, writes bench/results/latest.json (see README, Performance).
+bench: $(INSTALLED) system-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # The long versions of the reliability tests, not in `make test`: 60 s of 16 clients on the
 # service, then a 10-minute soak of the pipeline (a looping clip and a live camera).

@@ -1,0 +1,1 @@
+"""framelabel's benchmarks: figures for issue 4, not tests."""

@@ -1,0 +1,127 @@
+"""Figures 3, 4 and 5: file replay through `framelabel run`, the naive loop, and replay through gRPC.
+
+A replay is the real CLI in a child process (`framelabel run CONFIG`) against a
+broker started apart (so its CPU is not counted as the pipeline's). Frames/s
+is published frames over the run's own processing time (first capture to last
+acknowledgement, printed in its summary title); CPU utilisation is the child's
+CPU time over its wall time and the machine's cores; peak RSS is sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnxruntime
+import psutil
+import yaml
+from aiokafka import AIOKafkaProducer
+
+from pipeline.broker import EmbeddedBroker
+from services.classifier import load_classifier
+from services.config import DEFAULT_CLASSIFIERS_FILE
+from services.model_families import FAMILIES
+
+FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
+SUMMARY = re.compile(r"framelabel run: (\d+) frames in ([\d.]+)s")
+RSS_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    frames: int
+    fps: float
+    cpu_utilisation: float  # of all cores, over the child's wall time
+    peak_rss_mb: float
+
+    def as_json(self) -> dict[str, float]:
+        return {
+            "frames": self.frames,
+            "fps": round(self.fps, 2),
+            "cpu_utilisation": round(self.cpu_utilisation, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+
+def run_replay(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str, **source: Any) -> ReplayResult:
+    """One `framelabel run` of `clip` into a fresh topic; `source` adds keys to the source's config."""
+    topic = f"bench.replay.{time.monotonic_ns()}"
+    config = {
+        "sources": [{"id": "clip", "uri": str(clip), **source}],
+        "kafka": {"bootstrap_servers": broker.address, "enable_idempotence": False, "topic": topic},
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        yaml.safe_dump(config, file)
+        file.flush()
+        child = psutil.Popen(
+            [FRAMELABEL, "run", file.name, *extra_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        started, peak_rss = time.monotonic(), 0
+        cpu_seconds = 0.0
+        while child.poll() is None:
+            try:
+                peak_rss = max(peak_rss, child.memory_info().rss)
+                times = child.cpu_times()
+                cpu_seconds = times.user + times.system
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(RSS_POLL_S)
+        wall = time.monotonic() - started
+        stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"framelabel run failed ({child.returncode}): {stderr.decode()[-800:]}")
+    match = SUMMARY.search(stdout.decode())
+    if match is None:
+        raise RuntimeError(f"no summary in the output: {stdout.decode()[-400:]}")
+    frames, seconds = int(match.group(1)), float(match.group(2))
+    return ReplayResult(frames, frames / seconds, cpu_seconds / wall / cores, peak_rss / 2**20)
+
+
+async def naive_loop(broker: EmbeddedBroker, clip: Path, max_frames: int) -> float:
+    """The loop a user would write first; returns frames/s.
+
+    for each frame: cv2 read → cv2.imencode → cv2.imdecode → preprocess →
+    session.run (default options) → JSON → await producer.send_and_wait.
+    """
+    labels = load_classifier("imagenet", DEFAULT_CLASSIFIERS_FILE).labels
+    session = onnxruntime.InferenceSession(
+        str(DEFAULT_CLASSIFIERS_FILE.parent.parent / "models/imagenet/efficientnet_lite0.onnx")
+    )
+    preprocess = FAMILIES["efficientnet"].preprocess
+    producer = AIOKafkaProducer(bootstrap_servers=broker.address, enable_idempotence=False)
+    await producer.start()
+    capture = cv2.VideoCapture(str(clip))
+    frames = 0
+    started = time.perf_counter()
+    try:
+        while frames < max_frames:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            _, jpeg = cv2.imencode(".jpg", frame)
+            decoded = cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            (logits,) = session.run(None, {"input": preprocess(decoded)[np.newaxis]})
+            probabilities = np.exp(logits[0] - logits[0].max())
+            probabilities /= probabilities.sum()
+            best = np.argsort(-probabilities)[:5]
+            value = json.dumps([{"label": labels[i].name, "confidence": float(probabilities[i])} for i in best])
+            await producer.send_and_wait("bench.naive", value.encode(), key=b"clip")
+            frames += 1
+    finally:
+        capture.release()
+        await producer.stop()
+    return frames / (time.perf_counter() - started)
+
+
+def run_naive(broker: EmbeddedBroker, clip: Path, max_frames: int) -> float:
+    return asyncio.run(naive_loop(broker, clip, max_frames))

@@ -1,0 +1,245 @@
+"""`make bench`: every figure of the performance issue, measured side by side in one run.
+
+Prints one table and writes bench/results/latest.json (one key per figure,
+ratios included; a figure that could not be measured is null with a `why`).
+Each figure is the median of repeated runs with its spread [min–max].
+
+    python -m bench.run [--repeats N] [--live-seconds S] [--skip-peer] [--skip-live]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import simplejpeg
+
+from bench.int8 import measure_int8
+from bench.live_cameras import measure_live
+from bench.peer_roboflow import CACHE, MODEL, looped_clip, measure_peer
+from bench.replay import ReplayResult, run_naive, run_replay
+from bench.service_load import measure_service, serving
+from bench.stages import SMALL, cores, measure_stages
+from bench.timing import Sample
+from pipeline.broker import EmbeddedBroker
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+CONCURRENCIES = (1, 4, 16)
+
+
+def small_clip(clip: Path) -> Path:
+    """The looped clip transcoded to 640×360, for the small-resolution replay."""
+    target = CACHE / f"{clip.stem}_640x360.mp4"
+    if not target.exists():
+        scratch = target.with_suffix(".partial.mp4")
+        scale = ["-vf", f"scale={SMALL[0]}:{SMALL[1]}", "-c:v", "libx264", "-preset", "fast", "-crf", "20", "-an"]
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(clip), *scale, str(scratch)], check=True)
+        scratch.replace(target)
+    return target
+
+
+def replays(measure: Callable[[], ReplayResult], repeats: int) -> dict[str, Any]:
+    results = [measure() for _ in range(repeats)]
+    fps = Sample.of([r.fps for r in results])
+    return {
+        "fps": fps.as_json(2),
+        "cpu_utilisation": Sample.of([r.cpu_utilisation for r in results]).as_json(),
+        "peak_rss_mb": Sample.of([r.peak_rss_mb for r in results]).as_json(1),
+        "frames": results[0].frames,
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def figure(name: str, measure: Callable[[], Any]) -> Any:
+    """Measure one figure; a failure becomes null with a `why`, and the others still run."""
+    print(f"… {name}", flush=True)
+    try:
+        return measure()
+    except Exception as exc:  # a benchmark reports, it does not stop at the first broken part
+        return {"value": None, "why": f"{type(exc).__name__}: {exc}"}
+
+
+def median_fps(entry: Any) -> float | None:
+    try:
+        return float(entry["fps"]["median"])
+    except (KeyError, TypeError):
+        return None
+
+
+def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> dict[str, Any]:
+    core_count = cores()
+    clip = looped_clip(500)
+    clip_4x = looped_clip(2000)
+    clip_small = small_clip(clip)
+    results: dict[str, Any] = {
+        "machine": {"cores": core_count, "load_average_at_start": os.getloadavg(), "clip": clip.name},
+    }
+    stages = measure_stages(clip, repeats)
+    results["int8_variant"] = figure("INT8 imagenet against fp32", lambda: measure_int8(clip, 300, repeats))
+    results["stage_cpu_ms"] = {name: sample.as_json() for name, sample in stages.per_stage_ms.items()}
+    results["cpu_per_frame_ms"] = {r: round(stages.cpu_per_frame_ms(r), 3) for r in stages.pipeline_stages}
+    results["ceiling_fps"] = {r: round(stages.ceiling_fps(r, core_count), 1) for r in stages.pipeline_stages}
+
+    with EmbeddedBroker() as broker:
+        results["replay_720p_full_frames"] = figure(
+            "replay 720p, full frames",
+            lambda: replays(lambda: run_replay(broker, clip, core_count, max_side=None), repeats),
+        )
+        results["replay_720p_downscaled"] = figure(
+            "replay 720p, downscaled to 640", lambda: replays(lambda: run_replay(broker, clip, core_count), repeats)
+        )
+        results["replay_720p_downscaled_int8"] = figure(
+            "replay 720p, downscaled, imagenet-int8",
+            lambda: replays(lambda: run_replay(broker, clip, core_count, "--classifier", "imagenet-int8"), repeats),
+        )
+        results["replay_640x360_source"] = figure(
+            "replay of a 640×360 clip", lambda: replays(lambda: run_replay(broker, clip_small, core_count), repeats)
+        )
+        results["replay_rss_4x_longer_clip"] = figure(
+            "replay of a 4× longer clip", lambda: replays(lambda: run_replay(broker, clip_4x, core_count), 1)
+        )
+        results["naive_loop_fps"] = figure(
+            "naive loop", lambda: Sample.of([run_naive(broker, clip, 300) for _ in range(repeats)]).as_json(2)
+        )
+        with serving("classifier: imagenet\n") as address:
+            results["replay_grpc_720p_downscaled"] = figure(
+                "replay through the gRPC service",
+                lambda: replays(lambda: run_replay(broker, clip, core_count, "--target", address), repeats),
+            )
+
+    jpeg = sample_jpeg(clip)
+    for mode, batching in (("unbatched", False), ("batched", True)):
+        results[f"service_{mode}"] = figure(
+            f"service alone, {mode}",
+            lambda batching=batching: {
+                str(c): r.as_json() for c, r in measure_service(jpeg, CONCURRENCIES, 5.0, batching).items()
+            },
+        )
+    results["live_4_rtsp_cameras"] = (
+        {"value": None, "why": "skipped (--skip-live)"}
+        if skip_live
+        else figure("live cameras", lambda: measure_live(live_seconds))
+    )
+    results["peer_roboflow"] = (
+        {"value": None, "why": "skipped (--skip-peer)"}
+        if skip_peer
+        else figure("Roboflow peer", lambda: measure_peer(clip, MODEL))
+    )
+    add_ratios(results)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    return results
+
+
+def sample_jpeg(clip: Path) -> bytes:
+    capture = cv2.VideoCapture(str(clip))
+    for _ in range(30):
+        capture.read()
+    _, frame = capture.read()
+    capture.release()
+    return bytes(simplejpeg.encode_jpeg(cv2.resize(frame, SMALL), 85, "BGR"))
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    full, downscaled = median_fps(results["replay_720p_full_frames"]), median_fps(results["replay_720p_downscaled"])
+    naive = results["naive_loop_fps"].get("median") if isinstance(results["naive_loop_fps"], dict) else None
+    peer = results["peer_roboflow"].get("fps") if isinstance(results["peer_roboflow"], dict) else None
+    service = results["service_batched"], results["service_unbatched"]
+    results["ratios"] = {
+        "replay_720p_full_frames_to_ceiling": ratio(full, results["ceiling_fps"]["720p"]),
+        "replay_720p_downscaled_to_ceiling": ratio(downscaled, results["ceiling_fps"]["640x360"]),
+        "downscaled_to_naive_loop": ratio(downscaled, naive),
+        "downscaled_to_roboflow_peer": ratio(downscaled, peer),
+        "downscaled_int8_to_roboflow_peer": ratio(median_fps(results["replay_720p_downscaled_int8"]), peer),
+        "grpc_to_in_process": ratio(median_fps(results["replay_grpc_720p_downscaled"]), downscaled),
+        "service_batched_c16_to_c1": _service_ratio(service[0]),
+        "service_unbatched_c16_to_c1": _service_ratio(service[1]),
+        "peak_rss_4x_clip_to_1x": ratio(
+            _peak_rss(results["replay_rss_4x_longer_clip"]), _peak_rss(results["replay_720p_downscaled"])
+        ),
+    }
+
+
+def _service_ratio(entry: Any) -> float | None:
+    try:
+        return ratio(entry["16"]["requests_per_s"], entry["1"]["requests_per_s"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _peak_rss(entry: Any) -> float | None:
+    try:
+        return float(entry["peak_rss_mb"]["median"])
+    except (KeyError, TypeError):
+        return None
+
+
+def print_table(results: dict[str, Any]) -> None:
+    def line(name: str, value: Any) -> None:
+        print(f"  {name:44} {value}")
+
+    print("\nframelabel benchmark —", time.strftime("%Y-%m-%d %H:%M"), "—", results["machine"])
+    print("1. stage CPU per frame, ms, median [min–max]:")
+    for name, sample in results["stage_cpu_ms"].items():
+        line(name, f"{sample['median']} [{sample['min']}–{sample['max']}]")
+    print("2. CPU per frame and ceiling:")
+    for resolution, value in results["cpu_per_frame_ms"].items():
+        line(f"{resolution}", f"{value} ms/frame → ceiling {results['ceiling_fps'][resolution]} frames/s")
+    line("int8_variant", results["int8_variant"])
+    print("3–5. replays (frames/s, CPU utilisation of all cores, peak RSS MB):")
+    for key in (
+        "replay_720p_full_frames",
+        "replay_720p_downscaled",
+        "replay_720p_downscaled_int8",
+        "replay_640x360_source",
+        "replay_rss_4x_longer_clip",
+        "replay_grpc_720p_downscaled",
+    ):
+        entry = results[key]
+        if median_fps(entry) is None:
+            line(key, entry)
+        else:
+            line(
+                key,
+                f"{entry['fps']} fps, cpu {entry['cpu_utilisation']['median']}, rss {entry['peak_rss_mb']['median']}",
+            )
+    line("naive_loop_fps", results["naive_loop_fps"])
+    print("6. service alone (requests/s, p50/p99 ms):")
+    for mode in ("service_unbatched", "service_batched"):
+        line(mode, results[mode])
+    print("7. live:")
+    line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
+    print("8. peer:")
+    line("peer_roboflow", results["peer_roboflow"])
+    print("ratios:")
+    for name, value in results["ratios"].items():
+        line(name, value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--live-seconds", type=float, default=60.0)
+    parser.add_argument("--skip-peer", action="store_true", help="skip the Roboflow peer (its venv takes a while)")
+    parser.add_argument("--skip-live", action="store_true")
+    args = parser.parse_args()
+    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print_table(results)
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
