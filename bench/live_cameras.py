@@ -64,6 +64,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.peer_roboflow import FFMPEG, count_frames, source_clip
 from pipeline.broker import EmbeddedBroker
+from pipeline.processes import stop_process
 from pipeline.records import decode_record
 
 BENCH = Path(__file__).resolve().parent
@@ -115,16 +116,6 @@ def camera_clip(seconds: float, fps: int) -> Path:
     return target
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(CAMERA_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _tail(log: IO[bytes]) -> str:
     log.seek(0)
     return log.read().decode(errors="replace")[-OUTPUT_TAIL_CHARS:]
@@ -154,7 +145,7 @@ def rtsp_camera(clip: Path) -> Iterator[Camera]:
                 raise LiveError(f"an RTSP camera did not start: {_tail(log)}")
             yield Camera(line.removeprefix("ready ").strip(), process.pid)
         finally:
-            _stop(process)
+            stop_process(process, CAMERA_STOP_TIMEOUT_S)
             if process.stdout is not None:
                 process.stdout.close()
 

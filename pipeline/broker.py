@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Self
 
+from pipeline.processes import stop_process
 from services.errors import FramelabelError
 
 LOOPBACK = "127.0.0.1"
@@ -102,13 +103,8 @@ class EmbeddedBroker:
     def stop(self) -> None:
         """STOP_SIGNAL, then SIGKILL if it has not exited within STOP_TIMEOUT_S."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(STOP_SIGNAL)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT_S, STOP_SIGNAL)
         if self._output is not None:
             self._output.close()
             self._output = None

