@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ def _setup_logging(level: str) -> None:
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if level != "debug":
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its INFO lines are its own bookkeeping
         for handler in logging.getLogger().handlers:
             handler.addFilter(_LibraryRepeats("aiokafka", LIBRARY_REPEAT_SECONDS))
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
@@ -192,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--classifiers", type=Path, default=DEFAULT_CLASSIFIERS_FILE, help="classifiers YAML")
     annotate.add_argument("--tls", action="store_true", help="use TLS to the target (system roots)")
     annotate.add_argument("--ca-file", type=Path, help="PEM roots for TLS to the target (implies --tls)")
-    annotate.add_argument("--retry-for", type=float, default=10.0, help="seconds to retry an unavailable target")
+    annotate.add_argument(
+        "--retry-for", type=float, default=10.0, help="seconds to retry an unavailable target (default: 10)"
+    )
     annotate.add_argument("--top", type=int, help="print only the N most confident annotations, and no label list")
     annotate.set_defaults(handler=lambda args: asyncio.run(_annotate_files(args)))
 
@@ -210,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")
-    consume.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    consume.add_argument("--topic", default=DEFAULT_TOPIC)
+    consume.add_argument(
+        "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (default: 127.0.0.1:9092)"
+    )
+    consume.add_argument("--topic", default=DEFAULT_TOPIC, help=f"(default: {DEFAULT_TOPIC})")
     consume.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
     consume.add_argument("--max", type=int, metavar="N", help="stop after N records")
     consume.add_argument("--source", metavar="ID", help="only this source's records")
@@ -220,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.set_defaults(handler=lambda args: asyncio.run(_consume(args)))
 
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
-    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (0 picks a free one)")
+    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default: 9092; 0 picks a free one)")
     broker.set_defaults(handler=_broker)
     return parser
 
@@ -233,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FramelabelError as exc:
         print(f"framelabel: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our stdout went away (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

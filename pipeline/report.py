@@ -42,11 +42,13 @@ class SourceReport:
 
     @property
     def resume_hint(self) -> str:
+        if self.error is not None:
+            return "source error (see the log)"
         info = self.last_published
         if info is None:
             return "-"
-        if info.media_position_ms is not None:
-            return f"frame {info.index} @ {info.media_position_ms / 1000:.3f}s"
+        if info.media_position_ms is not None:  # in the unit `start_ms` takes, to resume from here
+            return f"frame {info.index} @ {info.media_position_ms:.3f} ms"
         return f"frame {info.index}"
 
 

@@ -45,7 +45,7 @@ CAMERA_OUTAGE_S = 5.0
 BACKOFF_CAP_S = 2.0
 STALL_S = 3.0
 SILENT_OPEN_TIMEOUT_MS = 15_000
-RESUME_HINT = re.compile(r"frame (?P<index>\d+) @ (?P<seconds>[\d.]+)s")
+RESUME_HINT = re.compile(r"frame (?P<index>\d+) @ (?P<ms>[\d.]+) ms")
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ async def test_sigterm_mid_replay_publishes_what_was_annotated_and_resumes_witho
         assert summary["annotated"] == summary["published"] == len(before)  # nothing annotated was left behind
         assert summary["failed"] == 0
 
-        resume = {"id": "bunny", "uri": str(clip), "start_ms": float(stopped["seconds"]) * 1000}
+        resume = {"id": "bunny", "uri": str(clip), "start_ms": float(stopped["ms"])}
         second = write_run_config(tmp_path, broker.address, [resume])
         with pipeline_run(second) as rerun:
             assert await rerun.end() == 0, rerun.log()
