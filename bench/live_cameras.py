@@ -62,14 +62,14 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.peer_roboflow import FFMPEG, count_frames, source_clip
+from bench.peer_roboflow import CACHE, cached_clip, count_frames, source_clip
 from pipeline.broker import EmbeddedBroker
 from pipeline.processes import stop_process
 from pipeline.records import decode_record
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-CACHE = BENCH / ".cache"
+
 FRAMELABEL = ROOT / ".venv" / "bin" / "framelabel"
 RTSP_CAMERA = ROOT / "tools" / "rtsp_camera.py"
 CLASSIFIERS = ROOT / "configs" / "classifiers.yaml"
@@ -101,19 +101,11 @@ def camera_clip(seconds: float, fps: int) -> Path:
     frames = count_frames(source)
     loops = math.ceil(seconds * fps / frames)
     width, height = CAMERA_SIZE
-    target = CACHE / f"camera_{height}p_{fps}fps_x{loops}.mp4"
-    if target.exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
-        partial = Path(scratch) / target.name
-        command = [*FFMPEG, "-stream_loop", str(loops - 1), "-i", str(source), "-an"]
-        command += ["-vf", f"setpts=N/({fps}*TB),scale={width}:{height}", "-r", str(fps)]
-        command += ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", "-bf", "0"]
-        command += ["-g", str(GOP_S * fps), "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(partial)]
-        subprocess.run(command, check=True, capture_output=True)
-        partial.replace(target)
-    return target
+    args = ["-stream_loop", str(loops - 1), "-i", str(source), "-an"]
+    args += ["-vf", f"setpts=N/({fps}*TB),scale={width}:{height}", "-r", str(fps)]
+    args += ["-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", "-bf", "0"]
+    args += ["-g", str(GOP_S * fps), "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+    return cached_clip(CACHE / f"camera_{height}p_{fps}fps_x{loops}.mp4", args)
 
 
 def _tail(log: IO[bytes]) -> str:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -81,29 +82,41 @@ def count_frames(clip: Path) -> int:
     return int(output.strip().rstrip(","))
 
 
+def cached_clip(target: Path, ffmpeg_args: Sequence[str], check: Callable[[Path], None] | None = None) -> Path:
+    """`target` in bench/.cache/, made once by `ffmpeg ARGS OUTPUT` (and `check`ed) unless it exists.
+
+    Written beside it and renamed into place, so a half-written clip is never found.
+    """
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+        partial = Path(scratch) / target.name
+        subprocess.run([*FFMPEG, *ffmpeg_args, str(partial)], check=True, capture_output=True)
+        if check is not None:
+            check(partial)
+        partial.replace(target)
+    return target
+
+
 def looped_clip(min_frames: int = 500) -> Path:
     """bigbuckbunny.mp4 repeated without re-encoding (`-stream_loop N -c copy`) to at least `min_frames` frames.
 
     Made once in bench/.cache/ and reused, so that every run reads the same file.
     """
     source = source_clip()
-    frames = count_frames(source)
-    copies = math.ceil(min_frames / frames)
-    target = CACHE / f"{source.stem}_x{copies}.mp4"
-    if target.exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
-        partial = Path(scratch) / target.name
-        subprocess.run(
-            [*FFMPEG, "-stream_loop", str(copies - 1), "-i", str(source), "-map", "0:v:0", "-c", "copy", str(partial)],
-            check=True,
-        )
+    copies = math.ceil(min_frames / count_frames(source))
+
+    def enough_frames(partial: Path) -> None:
         made = count_frames(partial)
         if made < min_frames:
             raise PeerError(f"looping {source.name} {copies}× gave {made} frames, fewer than {min_frames}")
-        partial.replace(target)  # atomic: a half-written clip is never found
-    return target
+
+    return cached_clip(
+        CACHE / f"{source.stem}_x{copies}.mp4",
+        ["-stream_loop", str(copies - 1), "-i", str(source), "-map", "0:v:0", "-c", "copy"],
+        enough_frames,
+    )
 
 
 def _peer_python() -> Path:

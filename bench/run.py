@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import simplejpeg
 
 from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
-from bench.peer_roboflow import CACHE, MODEL, looped_clip, measure_peer
+from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
 from bench.service_load import measure_service, serving
 from bench.stages import SMALL, cores, measure_stages
@@ -36,13 +35,8 @@ CONCURRENCIES = (1, 4, 16)
 
 def small_clip(clip: Path) -> Path:
     """The looped clip transcoded to 640×360, for the small-resolution replay."""
-    target = CACHE / f"{clip.stem}_640x360.mp4"
-    if not target.exists():
-        scratch = target.with_suffix(".partial.mp4")
-        scale = ["-vf", f"scale={SMALL[0]}:{SMALL[1]}", "-c:v", "libx264", "-preset", "fast", "-crf", "20", "-an"]
-        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(clip), *scale, str(scratch)], check=True)
-        scratch.replace(target)
-    return target
+    scale = ["-vf", f"scale={SMALL[0]}:{SMALL[1]}", "-c:v", "libx264", "-preset", "fast", "-crf", "20", "-an"]
+    return cached_clip(CACHE / f"{clip.stem}_640x360.mp4", ["-i", str(clip), *scale])
 
 
 def replays(measure: Callable[[], ReplayResult], repeats: int) -> dict[str, Any]:
