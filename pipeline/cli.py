@@ -17,14 +17,12 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pipeline.annotators import Annotator
-from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
-from pipeline.annotators.in_process import InProcessAnnotator
-from pipeline.config import DEFAULT_TOPIC, load_run_config
-from pipeline.job import authorization_from_env
+from pipeline.config import DEFAULT_TOPIC, AnnotatorConfig, load_run_config
+from pipeline.job import build_annotator
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_pb2 import Image
 from services.classifier import load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE, load_service_config
+from services.config import DEFAULT_CLASSIFIERS_FILE, load_service_config, validate
 from services.errors import FramelabelError, InvalidImageError
 from services.imaging import ImageLimits, sniff_format
 
@@ -86,16 +84,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _annotator_for(args: argparse.Namespace) -> Annotator:
     if args.target:
-        root = args.ca_file.read_bytes() if args.ca_file else None
-        settings = GrpcSettings(
-            targets=tuple(args.target),
-            tls=args.tls or root is not None,
-            root_certificates=root,
-            authorization=authorization_from_env("YC_API_KEY", "YC_IAM_TOKEN"),
-            retry_for_seconds=args.retry_for,
-        )
-        return GrpcAnnotator(settings)
-    return InProcessAnnotator(load_classifier(args.classifier, args.classifiers))
+        flags: dict[str, object] = {
+            "kind": "grpc",
+            "targets": args.target,
+            "tls": args.tls,
+            "ca_file": args.ca_file,
+            "retry_for_seconds": args.retry_for,
+        }
+    else:  # uncapped, as the API answers: --top trims what is printed
+        flags = {
+            "classifier": args.classifier,
+            "classifiers_file": args.classifiers,
+            "top_k": None,
+            "specification_labels": "all",
+        }
+    return build_annotator(validate(AnnotatorConfig, flags, "annotate flags"))
 
 
 async def _annotate_files(args: argparse.Namespace) -> int:
