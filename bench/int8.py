@@ -10,15 +10,14 @@ import numpy as np
 from bench.stages import inference_ms, read_frames
 from bench.timing import repeat
 from services.classifier import load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE
 from services.imaging import resize
 
 CONFIDENT = 0.5
 
 
 def measure_int8(clip: Path, frames: int = 300, repeats: int = 3) -> dict[str, Any]:
-    fp32 = load_classifier("imagenet", DEFAULT_CLASSIFIERS_FILE)
-    int8 = load_classifier("imagenet-int8", DEFAULT_CLASSIFIERS_FILE)
+    fp32 = load_classifier("imagenet")
+    int8 = load_classifier("imagenet-int8")
     pixels = [resize(frame[:, :, ::-1], 640, 360) for frame in read_frames(clip, frames)]
     agree = confident = confident_agree = 0
     for image in pixels:

@@ -72,7 +72,6 @@ ROOT = BENCH.parent
 
 FRAMELABEL = ROOT / ".venv" / "bin" / "framelabel"
 RTSP_CAMERA = ROOT / "tools" / "rtsp_camera.py"
-CLASSIFIERS = ROOT / "configs" / "classifiers.yaml"
 SYSTEM_PYTHON = "/usr/bin/python3"  # has the GObject bindings the RTSP server needs
 TOPIC = "bench.live"
 PARTITIONS = 3
@@ -146,7 +145,7 @@ def run_config(urls: list[str], bootstrap: str) -> dict[str, Any]:
     """`framelabel run`'s config: the cameras, in-process imagenet, the embedded broker without idempotence."""
     return {
         "sources": [{"id": f"cam{i}", "uri": url} for i, url in enumerate(urls, start=1)],
-        "annotator": {"kind": "in-process", "classifier": "imagenet", "classifiers_file": str(CLASSIFIERS)},
+        "annotator": {"kind": "in-process", "classifier": "imagenet"},
         "kafka": {
             "bootstrap_servers": bootstrap,
             "topic": TOPIC,

@@ -41,7 +41,7 @@ ROOT = BENCH.parent
 CACHE = BENCH / ".cache"
 PEER_VENV = BENCH / ".venv-peer"
 PEER_JOB = BENCH / "peer_roboflow_job.py"
-MODEL = ROOT / "models" / "imagenet" / "efficientnet_lite0.onnx"
+MODEL = ROOT / "services" / "models" / "imagenet" / "efficientnet_lite0.onnx"
 
 # torch and torchvision first, pinned to wheels that lie on this machine's disk: left to
 # inference-core's own requirements, pip would download a CUDA build of several GB.

@@ -27,9 +27,9 @@ import psutil
 import yaml
 from aiokafka import AIOKafkaProducer
 
+from bench.peer_roboflow import MODEL
 from pipeline.broker import EmbeddedBroker
 from services.classifier import load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE
 from services.model_families import FAMILIES
 
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
@@ -93,10 +93,8 @@ async def naive_loop(broker: EmbeddedBroker, clip: Path, max_frames: int) -> flo
     for each frame: cv2 read → cv2.imencode → cv2.imdecode → preprocess →
     session.run (default options) → JSON → await producer.send_and_wait.
     """
-    labels = load_classifier("imagenet", DEFAULT_CLASSIFIERS_FILE).labels
-    session = onnxruntime.InferenceSession(
-        str(DEFAULT_CLASSIFIERS_FILE.parent.parent / "models/imagenet/efficientnet_lite0.onnx")
-    )
+    labels = load_classifier("imagenet").labels
+    session = onnxruntime.InferenceSession(str(MODEL))
     preprocess = FAMILIES["efficientnet"].preprocess
     producer = AIOKafkaProducer(bootstrap_servers=broker.address, enable_idempotence=False)
     await producer.start()

@@ -23,7 +23,6 @@ from pipeline.broker import EmbeddedBroker
 from pipeline.frames import AnnotatedFrame, FrameInfo
 from pipeline.publisher import KafkaSettings, Publisher
 from services.classifier import Classifier, load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE
 from services.imaging import resize
 
 SMALL = (640, 360)
@@ -76,7 +75,7 @@ def inference_ms(classifier: Classifier, pixels: NDArray[np.uint8], batch: int, 
 
 async def produce_ms(records: int) -> float:
     """CPU per record of batched aiokafka sends into a real (embedded) broker, broker CPU excluded."""
-    response = load_classifier("moderation", DEFAULT_CLASSIFIERS_FILE).response(np.array([0.9, 0.1]))
+    response = load_classifier("moderation").response(np.array([0.9, 0.1]))
     frame = AnnotatedFrame(FrameInfo("bench", 0, int(time.time() * 1000), time.monotonic(), 0.0), response, 640, 360)
     async with EmbeddedBroker() as broker:
         publisher = Publisher(KafkaSettings(broker.address, topic="bench.produce", enable_idempotence=False))
@@ -97,7 +96,7 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
     jpeg_big = simplejpeg.encode_jpeg(big, quality=85, colorspace="BGR")
     jpeg_small = simplejpeg.encode_jpeg(small, quality=85, colorspace="BGR")
     rgb_small = simplejpeg.decode_jpeg(jpeg_small, colorspace="RGB")
-    imagenet = load_classifier("imagenet", DEFAULT_CLASSIFIERS_FILE, overrides=PIPELINE_CAPS)
+    imagenet = load_classifier("imagenet", overrides=PIPELINE_CAPS)
     scores = imagenet.confidences(rgb_small)
     costs = {
         "video_decode_720p": repeat(lambda: decode_video_ms(clip, 100), repeats),
@@ -127,7 +126,7 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
         "kafka_produce": repeat(lambda: asyncio.run(produce_ms(5000)), max(1, repeats // 2)),
     }
     for name in ("moderation", "nudity"):
-        other = load_classifier(name, DEFAULT_CLASSIFIERS_FILE)
+        other = load_classifier(name)
         costs[f"inference_{name}_batch1"] = repeat(lambda other=other: inference_ms(other, rgb_small, 1, 20), repeats)
     common = ("video_decode_720p", "preprocess_imagenet", "inference_imagenet_batch1", "response_and_serialise")
     common += ("kafka_produce",)

@@ -22,7 +22,7 @@ from pipeline.job import build_annotator
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_pb2 import Image
 from services.classifier import load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE, load_service_config, validate
+from services.config import load_service_config, validate
 from services.errors import FramelabelError, InvalidImageError
 from services.imaging import ImageLimits, sniff_format
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve one classifier as a gRPC ImageClassifierService")
     serve.add_argument("--config", type=Path, help="service YAML (default: built-in defaults)")
     serve.add_argument("--classifier", help="classifier name from the classifiers file (default: imagenet)")
-    serve.add_argument("--classifiers", type=Path, help=f"classifiers YAML (default: {DEFAULT_CLASSIFIERS_FILE})")
+    serve.add_argument("--classifiers", type=Path, help="a classifiers YAML of your own, added to the built-in ones")
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
     serve.add_argument("--top-k", type=int, help="answer with the N most confident labels only")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = annotate.add_mutually_exclusive_group()
     where.add_argument("--target", action="append", metavar="HOST:PORT", help="call a gRPC service (repeatable)")
     where.add_argument("--classifier", default="imagenet", help="run this classifier in-process (default)")
-    annotate.add_argument("--classifiers", type=Path, default=DEFAULT_CLASSIFIERS_FILE, help="classifiers YAML")
+    annotate.add_argument("--classifiers", type=Path, help="a classifiers YAML of your own, added to the built-in ones")
     annotate.add_argument("--tls", action="store_true", help="use TLS to the target (system roots)")
     annotate.add_argument("--ca-file", type=Path, help="PEM roots for TLS to the target (implies --tls)")
     annotate.add_argument(

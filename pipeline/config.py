@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from services.config import DEFAULT_CLASSIFIERS_FILE, StrictModel, read_yaml, resolve_paths, validate
+from services.config import StrictModel, read_yaml, resolve_paths, validate
 from services.errors import ConfigError
 
 EMBEDDED = "embedded"
@@ -60,7 +60,7 @@ class AnnotatorConfig(StrictModel):
     kind: Literal["in-process", "grpc"] = "in-process"
     # in-process
     classifier: str = "imagenet"
-    classifiers_file: Path = DEFAULT_CLASSIFIERS_FILE
+    classifiers_file: Path | None = Field(None, description="your own classifiers, added to the built-in ones")
     top_k: Annotated[int, Field(gt=0)] | None = 5
     min_confidence: Annotated[float, Field(ge=0, le=1)] | None = None
     specification_labels: Literal["all", "annotated"] = "annotated"

@@ -14,7 +14,6 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from services.api.image_classifier_pb2 import (
     ClassifierSpecification,
     Label,
 )
-from services.config import PACKAGE_SCHEME, ClassifierConfig, LabelConfig, load_catalog
+from services.config import ClassifierConfig, LabelConfig, load_catalog, local_path
 from services.errors import ConfigError
 from services.imaging import ImageLimits, RGBImage, decode_image
 from services.model_families import FAMILIES, ModelFamily, Tensor
@@ -118,17 +117,6 @@ class Classifier:
         )
 
 
-def model_path(reference: str) -> Path:
-    """A model file from a path, or from inside an installed package (`package://pkg/file`)."""
-    if reference.startswith(PACKAGE_SCHEME):
-        package, _, resource = reference.removeprefix(PACKAGE_SCHEME).partition("/")
-        try:
-            return Path(str(resources.files(package).joinpath(resource)))
-        except ModuleNotFoundError:
-            raise ConfigError(f"model {reference}: package {package!r} is not installed") from None
-    return Path(reference)
-
-
 def _labels_from_file(path: Path) -> list[LabelConfig]:
     try:
         raw = json.loads(path.read_text())
@@ -138,7 +126,7 @@ def _labels_from_file(path: Path) -> list[LabelConfig]:
 
 
 def _read_labels(config: ClassifierConfig) -> list[Label]:
-    entries = config.labels if config.labels is not None else _labels_from_file(Path(config.labels_file or ""))
+    entries = config.labels if config.labels is not None else _labels_from_file(local_path(config.labels_file or ""))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -147,7 +135,7 @@ def _read_labels(config: ClassifierConfig) -> list[Label]:
 
 
 def _open_session(config: ClassifierConfig, name: str) -> onnxruntime.InferenceSession:
-    path = model_path(config.model)
+    path = local_path(config.model)
     try:
         model_bytes = path.read_bytes()
     except OSError as exc:
@@ -179,15 +167,16 @@ def build_classifier(name: str, config: ClassifierConfig, limits: ImageLimits = 
 
 def load_classifier(
     name: str,
-    catalog_file: Path,
+    catalog_file: Path | None = None,
     limits: ImageLimits = ImageLimits(),  # noqa: B008
     overrides: Mapping[str, object] | None = None,
 ) -> Classifier:
-    """Build the classifier `name` declared in `catalog_file`, with optional field overrides."""
+    """Build the classifier `name`, built in or declared in `catalog_file`, with optional field overrides."""
     catalog = load_catalog(catalog_file)
     if name not in catalog.classifiers:
         known = ", ".join(sorted(catalog.classifiers))
-        raise ConfigError(f"unknown classifier {name!r} in {catalog_file} (known: {known})")
+        where = "among the built-in classifiers" if catalog_file is None else f"in {catalog_file} or built in"
+        raise ConfigError(f"unknown classifier {name!r} {where} (known: {known})")
     config = catalog.classifiers[name]
     if overrides:
         config = ClassifierConfig.model_validate(config.model_dump() | dict(overrides))

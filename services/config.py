@@ -1,12 +1,16 @@
 """Typed configuration for classifiers and the Annotate service, loaded from YAML.
 
-Paths inside a YAML file are relative to that file. Secrets never live in YAML:
-the config names the environment variables that hold them.
+Paths inside a YAML file are relative to that file; `package://PKG/FILE` names a
+file shipped inside an installed package. The built-in classifier catalog is
+package data (`services/classifiers.yaml`), so an installed wheel needs no file
+of the repository. Secrets never live in YAML: the config names the environment
+variables that hold them.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,10 +21,8 @@ from services.errors import ConfigError
 from services.imaging import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from services.model_families import FamilyName
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CLASSIFIERS_FILE = CONFIG_DIR / "classifiers.yaml"
-DEFAULT_SERVICE_FILE = CONFIG_DIR / "service.yaml"
 PACKAGE_SCHEME = "package://"
+BUILTIN_CATALOG = f"{PACKAGE_SCHEME}services/classifiers.yaml"
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -37,7 +39,7 @@ class LabelConfig(StrictModel):
 class ClassifierConfig(StrictModel):
     family: FamilyName
     classification_type: Literal["MULTI_CLASS", "MULTI_LABEL"]
-    model: Annotated[str, Field(description=f"path relative to the YAML file, or {PACKAGE_SCHEME}pkg/file")]
+    model: Annotated[str, Field(description=f"path relative to the YAML file, or {PACKAGE_SCHEME}PKG/FILE")]
     sha256: str | None = None
     labels: list[LabelConfig] | None = None
     labels_file: str | None = None
@@ -77,7 +79,7 @@ class BatchingConfig(StrictModel):
 
 
 class ServiceConfig(StrictModel):
-    classifiers_file: Path = DEFAULT_CLASSIFIERS_FILE
+    classifiers_file: Path | None = Field(None, description="your own classifiers, added to the built-in ones")
     classifier: str = "imagenet"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 50051
@@ -120,6 +122,20 @@ def validate(model: type[Model], data: Any, source: str) -> Model:
         raise ConfigError(format_validation_error(source, exc)) from None
 
 
+def package_file(reference: str) -> Path:
+    """The file a `package://PKG/FILE` reference names inside an installed package."""
+    package, _, resource = reference.removeprefix(PACKAGE_SCHEME).partition("/")
+    try:
+        return Path(str(resources.files(package).joinpath(resource)))
+    except ModuleNotFoundError:
+        raise ConfigError(f"{reference}: package {package!r} is not installed") from None
+
+
+def local_path(reference: str) -> Path:
+    """A path as written, or the packaged file a `package://` reference names."""
+    return package_file(reference) if reference.startswith(PACKAGE_SCHEME) else Path(reference)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -148,21 +164,31 @@ def resolve_paths(data: dict[str, Any], base: Path, keys: tuple[str, ...]) -> di
     return resolved
 
 
-def load_catalog(path: Path = DEFAULT_CLASSIFIERS_FILE) -> CatalogConfig:
+def _catalog_entries(path: Path) -> dict[str, Any]:
     data = read_yaml(path)
     classifiers = data.get("classifiers")
-    if isinstance(classifiers, dict):
-        data["classifiers"] = {
-            name: resolve_paths(entry, path.parent, ("model", "labels_file")) if isinstance(entry, dict) else entry
-            for name, entry in classifiers.items()
-        }
-    return validate(CatalogConfig, data, str(path))
+    if not isinstance(classifiers, dict):
+        raise ConfigError(f"{path}: expected a `classifiers:` mapping of name to classifier")
+    return {
+        name: resolve_paths(entry, path.parent, ("model", "labels_file")) if isinstance(entry, dict) else entry
+        for name, entry in classifiers.items()
+    }
+
+
+def load_catalog(path: Path | None = None) -> CatalogConfig:
+    """The built-in classifiers, with the entries of `path` (if given) added or replacing those of the same name."""
+    entries = _catalog_entries(package_file(BUILTIN_CATALOG))
+    source = "built-in classifiers"
+    if path is not None:
+        entries |= _catalog_entries(path)
+        source = str(path)
+    return validate(CatalogConfig, {"classifiers": entries}, source)
 
 
 def load_service_config(path: Path | None, overrides: dict[str, Any]) -> ServiceConfig:
     """The service config from `path` (or the defaults), with command-line overrides on top."""
     data = read_yaml(path) if path else {}
-    base = path.parent if path else CONFIG_DIR
+    base = path.parent if path else Path.cwd()
     data = resolve_paths(data, base, ("classifiers_file",))
     if isinstance(data.get("tls"), dict):
         data["tls"] = resolve_paths(data["tls"], base, ("cert_file", "key_file", "client_ca_file"))

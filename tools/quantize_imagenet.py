@@ -1,7 +1,7 @@
 """Make the INT8 variant of the imagenet model: static QDQ quantization, calibrated on real frames.
 
     /tmp/export/bin/pip install onnx onnxruntime opencv-python-headless numpy
-    /tmp/export/bin/python tools/quantize_imagenet.py models/imagenet CLIP.mp4 [CLIP.mp4 ...]
+    /tmp/export/bin/python tools/quantize_imagenet.py services/models/imagenet CLIP.mp4 [CLIP.mp4 ...]
 
 U8S8 (uint8 activations, int8 weights), per-channel weights, reduce_range (7-bit
 weights, safe on CPUs without VNNI), percentile calibration over frames sampled
