@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 from bench.timing import Sample, cpu_ms_per_call, repeat
 from pipeline.broker import EmbeddedBroker
 from pipeline.frames import AnnotatedFrame, FrameInfo
-from pipeline.publisher import KafkaSettings, Publisher
+from pipeline.kafka import KafkaSettings
+from pipeline.publisher import Publisher
 from services.classifier import Classifier, load_classifier
 from services.imaging import resize
 
@@ -78,7 +79,9 @@ async def produce_ms(records: int) -> float:
     response = load_classifier("moderation").response(np.array([0.9, 0.1]))
     frame = AnnotatedFrame(FrameInfo("bench", 0, int(time.time() * 1000), time.monotonic(), 0.0), response, 640, 360)
     async with EmbeddedBroker() as broker:
-        publisher = Publisher(KafkaSettings(broker.address, topic="bench.produce", enable_idempotence=False))
+        publisher = Publisher(
+            KafkaSettings(bootstrap_servers=broker.address, topic="bench.produce", enable_idempotence=False)
+        )
         await publisher.start()
         started = time.process_time()
         for _ in range(records):

@@ -24,6 +24,7 @@ from typing import IO, Self
 
 from pipeline.processes import stop_process
 from services.errors import FramelabelError
+from services.net import probe_bind
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 9092
@@ -139,7 +140,14 @@ class EmbeddedBroker:
 
     async def __aenter__(self) -> Self:
         # The start-up poll and the stop wait block, so they run off the event loop.
-        await asyncio.to_thread(self.start)
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:  # a signal during start-up: no broker may outlive the run
+            with contextlib.suppress(Exception):
+                await starting
+            await asyncio.to_thread(self.stop)
+            raise
         return self
 
     async def __aexit__(
@@ -149,18 +157,11 @@ class EmbeddedBroker:
 
 
 def _free_port(port: int) -> int:
-    """`port` if nothing listens on it, or any free port for 0.
-
-    Checked up front because with its port taken Tansu panics, yet the readiness poll
-    would reach whoever holds the port and take it for Tansu.
-    """
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOOPBACK, port))
-        except OSError as exc:
-            raise BrokerError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror}") from exc
-        return int(probe.getsockname()[1])
+    """`port` if nothing listens on it, or any free port for 0."""
+    try:
+        return probe_bind(LOOPBACK, port)
+    except OSError as exc:
+        raise BrokerError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror}") from exc
 
 
 def run_broker(port: int = DEFAULT_PORT) -> None:

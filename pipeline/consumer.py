@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from pipeline.kafka import EMBEDDED, KafkaConnection, client_options
 from pipeline.records import DecodedRecord, RecordFormatError, decode_record
 from services.errors import FramelabelError
 
@@ -31,8 +32,7 @@ class ConsumeError(FramelabelError):
 
 
 async def consume(
-    bootstrap: str,
-    topic: str,
+    connection: KafkaConnection,
     *,
     from_beginning: bool,
     max_records: int | None = None,
@@ -50,11 +50,13 @@ async def consume(
     if max_records == 0:
         return
     wanted_key = None if source_id is None else source_id.encode()
+    bootstrap, topic = connection.bootstrap_servers, connection.topic
+    if bootstrap == EMBEDDED:
+        raise ConsumeError("an embedded broker lives only as long as its run: give the address of a broker")
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **client_options(connection) | {"request_timeout_ms": min(connection.request_timeout_ms, CONNECT_TIMEOUT_MS)},
         group_id=None,
         enable_auto_commit=False,
-        request_timeout_ms=CONNECT_TIMEOUT_MS,
         max_partition_fetch_bytes=LARGEST_RECORD_BYTES,
     )
     try:

@@ -7,27 +7,22 @@ and saves encode, transfer and decode time. Blocking: run it in a thread.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import simplejpeg
+from pydantic import Field
 
 from pipeline.frames import EncodedFrame, Frame
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.api.image_pb2 import Image
+from services.config import StrictModel
 from services.imaging import resize
 
 
-@dataclass(frozen=True)
-class EncoderSettings:
-    quality: int = 85
-    max_side: int | None = 640  # None sends frames at full resolution
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"jpeg quality must be within 1..100, got {self.quality}")
-        if self.max_side is not None and self.max_side < 16:
-            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+class EncoderSettings(StrictModel):
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 85
+    max_side: Annotated[int, Field(ge=16, description="downscale to this longest side; null: full frames")] | None = 640
 
 
 def encode(frame: Frame, settings: EncoderSettings) -> EncodedFrame:
@@ -37,6 +32,6 @@ def encode(frame: Frame, settings: EncoderSettings) -> EncodedFrame:
         scale = settings.max_side / max(height, width)
         width, height = max(1, round(width * scale)), max(1, round(height * scale))
         pixels = resize(pixels, width, height)
-    content = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=settings.quality, colorspace="BGR")
+    content = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=settings.jpeg_quality, colorspace="BGR")
     request = AnnotationRequest(image=Image(content=content, image_type=Image.JPEG))
     return EncodedFrame(info=frame.info, request=request, width=width, height=height)

@@ -1,19 +1,30 @@
-"""`framelabel run`: build every stage from a `RunConfig`, run them, report.
+"""`framelabel run`: build every stage from a `RunConfig`, run them, report, and say how it went.
 
-The one place where the stages are composed. Returns the exit code: 0 when
-every replay source was read to its end (or the run was stopped by a signal)
-and every record is acknowledged.
+The one place where the stages are composed, each an async context manager
+entered in order (annotator, broker, publisher) and left in reverse. The stop
+signals are handled from the start: a first SIGINT, SIGTERM or SIGHUP stops
+capturing and lets what is in flight finish (or, while still connecting, stops
+at once); a second gives up on what is unsettled, within `GIVE_UP_WITHIN_S`.
+
+The exit status (README, "Exit status"):
+  0  every source finished (replays read to their end) or a signal stopped the run, every record acknowledged
+  1  records were lost (not annotated, or not acknowledged by Kafka), the run was given up, or no source ran
+  2  a bad config, or Kafka or the Annotate service could not be reached at start (raised, for the CLI)
+  3  some sources failed while the others completed, and nothing was lost
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from rich.console import Console
 
@@ -21,19 +32,28 @@ from pipeline.annotators import Annotator
 from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
-from pipeline.config import EMBEDDED, AnnotatorConfig, KafkaConfig, RunConfig, SourceConfig
-from pipeline.encoder import EncoderSettings
+from pipeline.config import AnnotatorConfig, RunConfig
 from pipeline.frames import DeliveryPolicy
-from pipeline.publisher import KafkaSettings, Publisher, PublishError
+from pipeline.kafka import EMBEDDED, KafkaSettings
+from pipeline.publisher import Publisher, PublishError
 from pipeline.report import ProgressDisplay, RunReports, summary_table
 from pipeline.runner import Lane, Runner
-from pipeline.sampler import SamplingSettings
-from pipeline.sources import SourceSettings, open_source
+from pipeline.sources import open_source
 from services.classifier import load_classifier
 from services.errors import ConfigError
 from services.runtime import settle_heap
 
 log = logging.getLogger("framelabel.run")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GIVE_UP_WITHIN_S = 5.0
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # records lost, given up, or no source ran
+    NOT_STARTED = 2  # bad config, or Kafka or the Annotate service unreachable at start
+    PARTIAL = 3  # some sources failed, the others completed, nothing lost
 
 
 def authorization_from_env(api_key_env: str, iam_token_env: str) -> str | None:
@@ -46,14 +66,15 @@ def authorization_from_env(api_key_env: str, iam_token_env: str) -> str | None:
 
 
 def build_annotator(config: AnnotatorConfig) -> Annotator:
+    """The annotator, not started: `async with` it to load the model or reach the service."""
     if config.kind == "in-process":
         overrides = {
             "top_k": config.top_k,
             "min_confidence": config.min_confidence or 0.0,
             "specification_labels": config.specification_labels,
         }
-        classifier = load_classifier(config.classifier, config.classifiers_file, overrides=overrides)
-        return InProcessAnnotator(classifier, config.threads)
+        load = functools.partial(load_classifier, config.classifier, config.classifiers_file, overrides=overrides)
+        return InProcessAnnotator(config.classifier, load, config.threads)
     try:
         root_certificates = config.ca_file.read_bytes() if config.ca_file else None
     except OSError as exc:
@@ -69,96 +90,154 @@ def build_annotator(config: AnnotatorConfig) -> Annotator:
             deadline_seconds=config.deadline_seconds,
             max_in_flight=config.max_in_flight,
             retry_for_seconds=config.retry_for_seconds,
+            connect_timeout_seconds=config.connect_timeout_seconds,
         )
     )
 
 
-def kafka_settings(config: KafkaConfig, bootstrap: str, embedded: bool) -> KafkaSettings:
-    idempotence = config.enable_idempotence
-    if idempotence is None:
-        idempotence = not embedded  # Tansu rejects aiokafka's idempotent producer
-    same_fields = config.model_dump(
-        exclude={"bootstrap_servers", "enable_idempotence", "sasl_mechanism", "sasl_password_env"}
-    )
-    return KafkaSettings(
-        bootstrap_servers=bootstrap,
-        enable_idempotence=idempotence,
-        sasl_mechanism=config.sasl_mechanism or "PLAIN",
-        sasl_password=os.environ.get(config.sasl_password_env),
-        **same_fields,
-    )
-
-
-NOT_SOURCE_SETTINGS = {"id", "uri", "fps", "every_nth", "max_side", "jpeg_quality"}  # identity, sampler, encoder
-
-
-def source_settings(config: SourceConfig) -> SourceSettings:
-    try:
-        return SourceSettings(**config.model_dump(exclude=NOT_SOURCE_SETTINGS))
-    except ValueError as exc:
-        raise ConfigError(f"source {config.id}: {exc}") from None
-
-
 @contextlib.asynccontextmanager
-async def kafka_bootstrap(config: KafkaConfig, console: Console) -> AsyncIterator[str]:
-    """The bootstrap address; `embedded` starts a Tansu broker for the length of the run."""
-    if config.bootstrap_servers != EMBEDDED:
-        yield config.bootstrap_servers
+async def kafka_bootstrap(settings: KafkaSettings, console: Console) -> AsyncIterator[KafkaSettings]:
+    """The settings with a real address; `embedded` starts a Tansu broker for the length of the run."""
+    if settings.bootstrap_servers != EMBEDDED:
+        yield settings
         return
     async with EmbeddedBroker() as broker:
         console.print(f"embedded Kafka broker (Tansu) on {broker.address}; it stops with this run")
-        yield broker.address
+        yield settings.model_copy(update={"bootstrap_servers": broker.address, "enable_idempotence": False})
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP for the length of a run: the first stops it, the second gives up.
+
+    Until `running()` is called the run is still starting, and the first signal cancels it at once."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._main = asyncio.current_task()
+        self._on_stop: Callable[[signal.Signals], None] | None = None
+        self._deadline: threading.Timer | None = None
+
+    @property
+    def gave_up(self) -> bool:
+        return self.received > 1
+
+    def running(self, on_stop: Callable[[signal.Signals], None]) -> None:
+        self._on_stop = on_stop
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def _received(self, sig: signal.Signals) -> None:
+        self.received += 1
+        if self.received == 1 and self._on_stop is not None:
+            self._on_stop(sig)
+            return
+        if self.received == 1:
+            log.info("%s while starting: stopping", sig.name)
+        elif self.received == 2:
+            log.warning("%s again: giving up on what is unsettled; ending within %.0f s", sig.name, GIVE_UP_WITHIN_S)
+            # closing a source blocked in a native call, or a producer, may take longer: never past the promise
+            self._deadline = threading.Timer(GIVE_UP_WITHIN_S, _exit_now)
+            self._deadline.daemon = True
+            self._deadline.start()
+        else:
+            return
+        if self._main is not None:
+            self._main.cancel()
+
+
+def _exit_now() -> None:
+    log.error("could not close everything within %.0f s of giving up; exiting now", GIVE_UP_WITHIN_S)
+    logging.shutdown()
+    os._exit(ExitStatus.FAILED)
+
+
+def exit_status(reports: RunReports, gave_up: bool) -> ExitStatus:
+    rows = list(reports.by_source.values())
+    if gave_up or any(report.lost or report.failed for report in rows):
+        return ExitStatus.FAILED
+    failed_sources = sum(1 for report in rows if report.error)
+    if failed_sources == len(rows):
+        return ExitStatus.FAILED
+    return ExitStatus.PARTIAL if failed_sources else ExitStatus.OK
 
 
 async def run_job(config: RunConfig, console: Console) -> int:
-    sources = [open_source(c.id, c.uri, source_settings(c)) for c in config.sources]
+    """Run until the sources end or a signal stops the run; the exit status. Start-up failures raise."""
+    sources = [open_source(c.id, c.uri, c) for c in config.sources]
     progress = ProgressDisplay()
     for source in sources:
         if source.policy is DeliveryPolicy.REPLAY:
             progress.add(source.source_id, source.total_frames)
     reports = RunReports(sources, progress)
     lanes = [
-        Lane(
-            source=source,
-            sampling=SamplingSettings(fps=c.fps, every_nth=c.every_nth),
-            encoding=EncoderSettings(quality=c.jpeg_quality, max_side=c.max_side),
-            report=reports.by_source[source.source_id],
-        )
+        Lane(source=source, sampling=c, encoding=c, report=reports.by_source[source.source_id])
         for source, c in zip(sources, config.sources, strict=True)
     ]
-    annotator = build_annotator(config.annotator)
-    started = time.monotonic()
-    try:
-        if isinstance(annotator, GrpcAnnotator):
-            await annotator.wait_until_reachable(config.annotator.retry_for_seconds)
-        async with kafka_bootstrap(config.kafka, console) as bootstrap:
-            embedded = config.kafka.bootstrap_servers == EMBEDDED
-            publisher = Publisher(kafka_settings(config.kafka, bootstrap, embedded), on_published=reports.on_published)
-            await publisher.start()
-            runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
-            settle_heap()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, _stop_on_signal, runner, sig)
-            kinds = ", ".join(f"{s.source_id} ({s.policy.value})" for s in sources)
-            log.info("running %s → %s → kafka %s topic %s", kinds, annotator.description, bootstrap, config.kafka.topic)
+    started_at = time.monotonic()
+    with StopSignals() as signals:
+        try:
+            await _run(config, console, lanes, reports, progress, signals)
+        except asyncio.CancelledError:
+            if not signals.received:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # a task runs this
+            if not reports.started:
+                return ExitStatus.OK  # stopped while connecting: nothing was captured
+        console.print(summary_table(reports, time.monotonic() - started_at))
+    return exit_status(reports, signals.gave_up)
+
+
+async def _run(
+    config: RunConfig,
+    console: Console,
+    lanes: list[Lane],
+    reports: RunReports,
+    progress: ProgressDisplay,
+    signals: StopSignals,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        annotator = await stack.enter_async_context(build_annotator(config.annotator))
+        settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
+        publisher = await stack.enter_async_context(Publisher(settings, reports))
+        runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
+        signals.running(functools.partial(_stop, runner, publisher, settings))
+        settle_heap()
+        kinds = ", ".join(f"{lane.report.source_id} ({lane.source.policy.value})" for lane in lanes)
+        log.info(
+            "running %s → %s → kafka %s topic %s",
+            kinds,
+            annotator.description,
+            settings.bootstrap_servers,
+            settings.topic,
+        )
+        reports.started = True
+        with progress:
+            await runner.run()
             try:
-                with progress:
-                    await runner.run()
+                await publisher.flush()
             except PublishError as exc:
                 log.error("%s", exc)
-                return 1
-            finally:
-                await publisher.stop()
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-    finally:
-        await annotator.close()
-        console.print(summary_table(reports, time.monotonic() - started))
-    failed_sources = [report for report in reports.by_source.values() if report.error]
-    return 1 if len(failed_sources) == len(sources) else 0
 
 
-def _stop_on_signal(runner: Runner, sig: signal.Signals) -> None:
-    log.info("%s: stopping capture, finishing the frames in flight", sig.name)
+def _stop(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:
+    log.info(
+        "%s: stopping capture; finishing %d frames in flight and %d unacknowledged records (re-sent for up to %.0f s, "
+        "kafka.delivery_timeout_ms); %s again gives up on them",
+        sig.name,
+        runner.frames_in_flight,
+        publisher.unsettled,
+        settings.delivery_timeout_ms / 1000,
+        sig.name,
+    )
     runner.stop()

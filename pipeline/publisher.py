@@ -1,14 +1,15 @@
 """The Publish stage: one Kafka record per AnnotatedFrame, in each source's frame order, never silently lost.
 
 `publish()` puts the frame's record in its source's line and returns. A task
-per source hands the waiting records to aiokafka, which batches per partition
-(`linger_ms`, `max_batch_bytes`) and retries retriable errors until
-`request_timeout_ms`, waits until each of them is acknowledged or failed, and
+per source hands the waiting records to the producer (aiokafka batches per
+partition, `linger_ms`, and retries retriable errors until
+`request_timeout_ms`), waits until each of them is acknowledged or failed, and
 only then hands over the next ones. A failed record is sent again, ahead of any
-later record of its source, with capped exponential backoff and jitter, until
-it is acknowledged or `delivery_timeout_ms` has passed since `publish()` (or
-after `delivery_retries` re-sends, when set). Only then does it count as
-failed: it is logged with its source and frame, and the next `flush()` raises.
+later record of its source, under the re-send policy (`retry_backoff_ms`
+doubling up to 10 s) until it is acknowledged or `delivery_timeout_ms` has
+passed since `publish()` (or after `delivery_retries` re-sends, when set).
+Only then is it lost: one log line per batch names the source and the frames,
+`DeliveryReport.lost` is told, and the next `flush()` raises.
 
 Why one batch at a time per source: aiokafka fails a batch that outlived
 `request_timeout_ms` while younger batches of the same partition may still get
@@ -17,10 +18,16 @@ records back until the previous ones are settled keeps every record's first
 copy in frame order. A re-sent record may have been stored already (only its
 acknowledgement was lost): delivery is at least once, and a duplicate repeats
 a record stored earlier. With the idempotent producer (the default against real
-Kafka) aiokafka retries without expiry and the broker drops duplicates.
+Kafka) the broker drops such duplicates.
 
 Backpressure: at most `max_in_flight_records` records are unsettled at a time;
 `publish()` waits for room, up to `max_block_ms` when set, then raises.
+
+Lifetime: `async with Publisher(...)` connects (and creates the topic), and on
+exit flushes and closes. The per-source tasks are the publisher's own: one that
+fails unexpectedly settles its records as lost and makes `publish()` for its
+source raise, so nobody waits on a task that died. `abandon()` gives up on
+whatever is still unsettled (a second Ctrl-C), within a bounded time.
 """
 
 from __future__ import annotations
@@ -28,109 +35,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
-from aiokafka.helpers import create_ssl_context
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.frames import AnnotatedFrame
-from pipeline.records import KafkaRecord, ValueFormat, encode_record
-from services.errors import ConfigError, FramelabelError
+from pipeline.kafka import KafkaSettings, client_options, ensure_topic, unreachable
+from pipeline.records import KafkaRecord, encode_record
+from pipeline.retry import RetryPolicy
+from services.errors import FramelabelError
 
 log = logging.getLogger("framelabel.publish")
 
-MiB = 1024 * 1024
-DEFAULT_TOPIC = "framelabel.annotations"
-CLIENT_ID = "framelabel"
 MAX_RETRY_BACKOFF_S = 10.0
-DEFAULT_DELIVERY_TIMEOUT_MS = 300_000  # a broker outage this long loses nothing
-
-Compression = Literal["gzip", "snappy", "lz4", "zstd"]
-SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-
-CODEC_AVAILABLE: dict[str, Callable[[], bool]] = {
-    "gzip": has_gzip,
-    "snappy": has_snappy,
-    "lz4": has_lz4,
-    "zstd": has_zstd,
-}
+CLOSE_TIMEOUT_S = 3.0  # how long closing the producer may take once we have given up on its records
 
 
 class PublishError(FramelabelError):
-    """Records could not be handed to Kafka or were not acknowledged; the message says how many and where."""
+    """A record could not be published, or records were lost; the message says which and where."""
 
 
-@dataclass(frozen=True)
-class KafkaSettings:
-    bootstrap_servers: str  # "host:port[,host:port…]"
-    topic: str = DEFAULT_TOPIC
-    partitions: int = 3  # used only when the topic has to be created
-    replication_factor: int = 1
-    acks: Literal["all", 1] = "all"
-    linger_ms: int = 20
-    max_batch_bytes: int = 1 * MiB  # per partition
-    compression: Compression | None = None
-    enable_idempotence: bool = True  # needs a real Kafka: Tansu rejects the idempotent producer
-    value_format: ValueFormat = "protobuf"
-    request_timeout_ms: int = 30_000  # also how long aiokafka keeps retrying a batch
-    connect_timeout_ms: int = 10_000  # bound on start(): bootstrap and topic creation
-    max_request_bytes: int = 4 * MiB  # the largest record; brokers default to ~1 MiB (message.max.bytes)
-    max_in_flight_records: int = 1000  # unsettled records before publish() waits
-    max_block_ms: int | None = None  # how long publish() waits for room; None: until a record settles
-    delivery_timeout_ms: int = DEFAULT_DELIVERY_TIMEOUT_MS  # from publish() to acknowledged, re-sends included
-    delivery_retries: int | None = None  # a cap on our re-sends of a record, after aiokafka's own; None: no cap
-    retry_backoff_ms: int = 500  # first backoff; doubles per failed attempt up to MAX_RETRY_BACKOFF_S
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: SaslMechanism = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+class Producer(Protocol):
+    """The part of AIOKafkaProducer the publisher uses; tests inject one that fails chosen calls."""
 
-    def __post_init__(self) -> None:
-        if not self.bootstrap_servers.strip():
-            raise ConfigError("kafka.bootstrap_servers is empty")
-        if not self.topic.strip():
-            raise ConfigError("kafka.topic is empty")
-        for name in (
-            "partitions",
-            "replication_factor",
-            "max_batch_bytes",
-            "request_timeout_ms",
-            "connect_timeout_ms",
-            "max_request_bytes",
-            "max_in_flight_records",
-            "max_block_ms",
-            "delivery_timeout_ms",
-        ):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"kafka.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("linger_ms", "delivery_retries", "retry_backoff_ms"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"kafka.{name} must not be negative, got {getattr(self, name)}")
-        if self.compression is not None and not CODEC_AVAILABLE[self.compression]():
-            raise ConfigError(f"kafka.compression {self.compression!r} needs cramjam: pip install 'aiokafka[all]'")
-        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
-            raise ConfigError(f"kafka.security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+    async def start(self) -> None: ...
+
+    async def send(
+        self, topic: str, value: bytes, *, key: bytes, timestamp_ms: int, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[Any]:
+        """Queue a record; the future resolves when the broker acknowledges it."""
+        ...
+
+    async def stop(self) -> None: ...
+
+
+class DeliveryReport(Protocol):
+    """Who is told what became of each record."""
+
+    def published(self, frame: AnnotatedFrame) -> None: ...
+
+    def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None: ...
 
 
 @dataclass(slots=True)
 class PublishStats:
     published: int = 0  # acknowledged by Kafka
-    failed: int = 0  # given up: past the delivery deadline, or not retriable
+    lost: int = 0  # given up: past the delivery deadline, not retriable, or abandoned
     retried: int = 0  # deliveries attempted again after a failure
 
 
@@ -139,121 +96,153 @@ class _Delivery:
     frame: AnnotatedFrame
     record: KafkaRecord
     give_up_at: float  # time.monotonic() past which a failure is final
-    attempts: int = 0  # times handed to aiokafka
+    attempts: int = 0  # times handed to the producer
 
 
 @dataclass
 class _SourceLine:
-    """One source's records not yet handed to aiokafka, and the task that hands them over in order."""
+    """One source's unsettled records, and the task that hands them to the producer in order."""
 
-    waiting: deque[_Delivery] = field(default_factory=deque)
+    waiting: deque[_Delivery] = field(default_factory=deque)  # not yet handed over
+    sending: list[_Delivery] = field(default_factory=list)  # handed over (or to be re-sent), not settled
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    broken: str | None = None  # why this line's task ended early
 
 
 class Publisher:
-    def __init__(self, settings: KafkaSettings, on_published: Callable[[AnnotatedFrame], None] | None = None) -> None:
+    def __init__(
+        self, settings: KafkaSettings, report: DeliveryReport | None = None, *, producer: Producer | None = None
+    ) -> None:
+        """`producer`: by default an AIOKafkaProducer from `settings`, whose topic is created if it is missing."""
         self.settings = settings
         self.stats = PublishStats()
-        self._on_published = on_published
-        self._producer: AIOKafkaProducer | None = None
+        self._report = report
+        self._own_producer = producer is None
+        self._producer: Producer = producer or _kafka_producer(settings)
+        self._resend = RetryPolicy(settings.retry_backoff_ms / 1000, MAX_RETRY_BACKOFF_S)
         self._lines: dict[str, _SourceLine] = {}
         self._slots = asyncio.Semaphore(settings.max_in_flight_records)
         self._unsettled = 0
         self._settled = asyncio.Event()  # set while nothing is unsettled
         self._settled.set()
-        self._failed_since_flush = 0
-        self._stopped = False
+        self._lost_since_flush = 0
+        self._state = "new"  # → running → stopped
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            await self.stop()
+        else:  # the owner is failing or cancelled: do not wait out delivery deadlines
+            await self.abandon(f"the run ended early ({exc_type.__name__})")
 
     async def start(self) -> None:
-        """Connect and create the topic if it is missing, within `connect_timeout_ms`."""
-        if self._producer is not None or self._stopped:
+        """Connect (and create the topic if it is missing) within `connect_timeout_ms`; `KafkaUnreachable` if not."""
+        if self._state != "new":
             raise PublishError("a publisher starts once")
-        settings = self.settings
-        options = _client_options(settings)
-        producer = AIOKafkaProducer(
-            **options,
-            acks=settings.acks,
-            linger_ms=settings.linger_ms,
-            max_batch_size=settings.max_batch_bytes,
-            max_request_size=settings.max_request_bytes,
-            compression_type=settings.compression,
-            enable_idempotence=settings.enable_idempotence,
-        )
+        self._state = "running"
         try:
-            async with asyncio.timeout(settings.connect_timeout_ms / 1000):
-                await _ensure_topic(options, settings)
-                await producer.start()
+            async with asyncio.timeout(self.settings.connect_timeout_ms / 1000):
+                if self._own_producer:
+                    await ensure_topic(self.settings)
+                await self._producer.start()
         except BaseException as exc:
-            await producer.stop()
-            if isinstance(exc, KafkaConnectionError | OSError | TimeoutError):
-                reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
-                raise PublishError(f"cannot reach Kafka at {settings.bootstrap_servers}: {reason}") from exc
-            if isinstance(exc, KafkaError):
-                hint = (
-                    " (brokers without the idempotent producer, such as the embedded Tansu, "
-                    "need kafka.enable_idempotence: false)"
-                    if settings.enable_idempotence
-                    else ""
-                )
-                raise PublishError(f"Kafka at {settings.bootstrap_servers} refused the producer: {exc}{hint}") from exc
+            self._state = "stopped"
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            if isinstance(exc, KafkaError | OSError | TimeoutError):
+                error = unreachable(self.settings, exc)
+                if isinstance(exc, KafkaError) and self.settings.idempotent:
+                    error.args = (
+                        f"{error} (brokers without the idempotent producer, such as the embedded Tansu, "
+                        "need --no-idempotence or kafka.enable_idempotence: false)",
+                    )
+                raise error from exc
             raise
-        self._producer = producer
-        log.info("publishing to Kafka topic %s at %s", settings.topic, settings.bootstrap_servers)
+        log.info("publishing to Kafka topic %s at %s", self.settings.topic, self.settings.bootstrap_servers)
+
+    @property
+    def unsettled(self) -> int:
+        return self._unsettled
 
     async def publish(self, frame: AnnotatedFrame) -> None:
-        """Queue the frame's record; wait (bounded) while too many records are unsettled."""
-        if self._producer is None or self._stopped:
-            raise PublishError("the publisher is not running: call start() first, and not after stop()")
+        """Queue the frame's record; wait (bounded) while too many records are unsettled.
+
+        Raises `PublishError` for a record that can never be sent (larger than `max_request_bytes`),
+        and when the publisher, or its source's line, has stopped."""
+        if self._state != "running":
+            raise PublishError("the publisher is not running: start it first, and not after stop()")
+        info = frame.info
+        line = self._line(info.source_id)
+        if line.broken is not None:
+            raise PublishError(f"cannot publish {info.source_id} frame {info.index}: {line.broken}")
         record = encode_record(frame, self.settings.value_format)
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
-        if size > self.settings.max_request_bytes:  # checked here: aiokafka would only refuse it in the line's task
-            info = frame.info
+        if size > self.settings.max_request_bytes:  # aiokafka would only refuse it later, in the line's task
             raise PublishError(
-                f"cannot queue the record of {info.source_id} frame {info.index}: it is {size} bytes, more than "
-                f"kafka.max_request_bytes (aiokafka's max_request_size) {self.settings.max_request_bytes}"
+                f"the record of {info.source_id} frame {info.index} is {size} bytes, more than "
+                f"kafka.max_request_bytes {self.settings.max_request_bytes}"
             )
         give_up_at = time.monotonic() + self.settings.delivery_timeout_ms / 1000
         await self._take_slot()
-        line = self._line(self._producer, frame.info.source_id)
         line.waiting.append(_Delivery(frame, record, give_up_at))
         line.wake.set()
 
     async def flush(self) -> None:
-        """Wait until every record published so far is acknowledged or given up; raise if any was given up."""
+        """Wait until every record published so far is acknowledged or lost; raise if any was lost."""
         await self._settled.wait()
-        failed, self._failed_since_flush = self._failed_since_flush, 0
-        if failed:
-            settings = self.settings
-            records = "record was" if failed == 1 else "records were"
+        lost, self._lost_since_flush = self._lost_since_flush, 0
+        if lost:
+            records = "record was" if lost == 1 else "records were"
             raise PublishError(
-                f"{failed} {records} not delivered to topic {settings.topic} at {settings.bootstrap_servers} "
-                "(see the log for which)"
+                f"{lost} {records} not delivered to topic {self.settings.topic} at {self.settings.bootstrap_servers}"
             )
 
     async def stop(self) -> None:
         """Flush, then close; raises like flush() when records were lost. Safe to call twice."""
-        if self._stopped:
+        if self._state == "stopped":
             return
-        self._stopped = True
         try:
             await self.flush()
         finally:
-            for line in self._lines.values():
-                if line.task is not None:
-                    line.task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await line.task
-            if self._producer is not None:
-                await self._producer.stop()
+            await self._close()
 
-    def _line(self, producer: AIOKafkaProducer, source_id: str) -> _SourceLine:
+    async def abandon(self, reason: str) -> None:
+        """Give up on every unsettled record (each is reported lost, one log line per source), then close."""
+        if self._state == "stopped":
+            return
+        await self._cancel_lines()
+        for source_id, line in self._lines.items():
+            self._lose(source_id, [*line.sending, *line.waiting], f"given up: {reason}")
+            line.sending, line.waiting = [], deque()
+        await self._close()
+
+    async def _close(self) -> None:
+        self._state = "stopped"
+        await self._cancel_lines()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):  # aiokafka's stop() waits for batches still queued
+                await self._producer.stop()
+        except TimeoutError:
+            log.warning("the Kafka producer did not close within %.0f s; leaving it", CLOSE_TIMEOUT_S)
+
+    async def _cancel_lines(self) -> None:
+        for line in self._lines.values():
+            if line.task is not None:
+                line.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await line.task
+
+    def _line(self, source_id: str) -> _SourceLine:
         line = self._lines.get(source_id)
         if line is None:
             line = self._lines[source_id] = _SourceLine()
-            line.task = asyncio.create_task(
-                self._deliver_in_order(producer, source_id, line), name=f"framelabel-publish-{source_id}"
-            )
+            line.task = asyncio.create_task(self._supervise(source_id, line), name=f"framelabel-publish-{source_id}")
         return line
 
     async def _take_slot(self) -> None:
@@ -272,50 +261,59 @@ class Publisher:
         self._unsettled += 1
         self._settled.clear()
 
-    def _free_slot(self) -> None:
-        self._unsettled -= 1
-        self._slots.release()
+    def _free_slots(self, count: int) -> None:
+        self._unsettled -= count
+        for _ in range(count):
+            self._slots.release()
         if self._unsettled == 0:
             self._settled.set()
 
-    async def _deliver_in_order(self, producer: AIOKafkaProducer, source_id: str, line: _SourceLine) -> None:
-        """Hand the line's records to aiokafka a batch at a time; re-send failures before anything newer."""
-        failed: list[_Delivery] = []
-        failures_in_a_row = 0
+    async def _supervise(self, source_id: str, line: _SourceLine) -> None:
+        """Run the line; if it fails, settle its records as lost so that nobody waits for them."""
+        try:
+            await self._deliver_in_order(source_id, line)
+        except Exception as exc:
+            line.broken = f"its delivery stopped on an internal error: {exc!r}"
+            log.error("source %s: %s", source_id, line.broken, exc_info=exc)
+            self._lose(source_id, [*line.sending, *line.waiting], line.broken)
+            line.sending, line.waiting = [], deque()
+
+    async def _deliver_in_order(self, source_id: str, line: _SourceLine) -> None:
+        """Hand the line's records over a batch at a time; re-send failures before anything newer."""
+        attempts = self._resend.start()
         while True:
-            if not failed:
+            if not line.sending:
                 await line.wake.wait()
             line.wake.clear()
-            batch = [*failed, *line.waiting]
+            line.sending.extend(line.waiting)
             line.waiting.clear()
-            outcomes = await self._send_batch(producer, batch)
-            failed = [
-                delivery for delivery, error in zip(batch, outcomes, strict=True) if self._settle(delivery, error)
-            ]
-            if not failed:
-                failures_in_a_row = 0
+            outcomes = await self._send_batch(line.sending)
+            self._settle(source_id, line, outcomes)
+            if not line.sending:
+                attempts.succeeded()
                 continue
-            failures_in_a_row += 1
-            backoff_s = min(MAX_RETRY_BACKOFF_S, self.settings.retry_backoff_ms / 1000 * 2 ** (failures_in_a_row - 1))
-            backoff_s *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+            delay = attempts.failed() or 0.0  # the re-send policy has no deadline: each record has its own
+            error = next(error for error in outcomes if error is not None)
             log.warning(
-                "%d records of %s not acknowledged (%s); re-sending from frame %d in %.1f s",
-                len(failed),
+                "%d records of %s not acknowledged (%s); re-sending from frame %d in %.1f s, for up to %.0f s more "
+                "(kafka.delivery_timeout_ms)",
+                len(line.sending),
                 source_id,
-                next(error for error in outcomes if error is not None),
-                failed[0].frame.info.index,
-                backoff_s,
+                error,
+                line.sending[0].frame.info.index,
+                delay,
+                max(0.0, line.sending[0].give_up_at - time.monotonic()),
             )
-            await asyncio.sleep(backoff_s)
+            await asyncio.sleep(delay)
 
-    async def _send_batch(self, producer: AIOKafkaProducer, batch: list[_Delivery]) -> list[BaseException | None]:
-        """Hand each record to aiokafka in order and wait for all; per record, its error or None."""
+    async def _send_batch(self, batch: list[_Delivery]) -> list[BaseException | None]:
+        """Hand each record over in order and wait for all; per record, its error or None."""
         futures: list[asyncio.Future[Any]] = []
         refused: KafkaError | None = None
         for delivery in batch:
             record = delivery.record
             try:
-                future = await producer.send(
+                future = await self._producer.send(
                     self.settings.topic,
                     record.value,
                     key=record.key,
@@ -331,37 +329,38 @@ class Publisher:
         errors: list[BaseException | None] = [r if isinstance(r, BaseException) else None for r in results]
         return errors + [refused] * (len(batch) - len(futures))
 
-    def _settle(self, delivery: _Delivery, error: BaseException | None) -> bool:
-        """Count the outcome of one attempt; True if the record is to be sent again."""
-        if error is None:
-            self.stats.published += 1
-            self._free_slot()
-            if self._on_published is not None:
-                try:
-                    self._on_published(delivery.frame)
-                except Exception:
-                    log.exception("on_published failed for %s frame %d", *_frame_id(delivery))
-            return False
+    def _settle(self, source_id: str, line: _SourceLine, outcomes: list[BaseException | None]) -> None:
+        """Count the outcome of one batch; keep in `line.sending` what is to be sent again."""
+        again: list[_Delivery] = []
+        lost: dict[str, list[_Delivery]] = {}
+        now = time.monotonic()
         retries = self.settings.delivery_retries
-        if (
-            _retryable(error)
-            and time.monotonic() < delivery.give_up_at
-            and (retries is None or delivery.attempts <= retries)
-        ):
-            self.stats.retried += 1
-            return True
-        self.stats.failed += 1
-        self._failed_since_flush += 1
-        self._free_slot()
-        source_id, index = _frame_id(delivery)
-        log.error(
-            "record of %s frame %d not delivered after %d attempts: %r", source_id, index, delivery.attempts, error
-        )
-        return False
+        for delivery, error in zip(line.sending, outcomes, strict=True):
+            if error is None:
+                self.stats.published += 1
+                self._free_slots(1)
+                if self._report is not None:
+                    self._report.published(delivery.frame)
+            elif _retryable(error) and now < delivery.give_up_at and (retries is None or delivery.attempts <= retries):
+                self.stats.retried += 1
+                again.append(delivery)
+            else:
+                lost.setdefault(f"not delivered after {delivery.attempts} attempts: {error!r}", []).append(delivery)
+        line.sending = again
+        for reason, deliveries in lost.items():
+            self._lose(source_id, deliveries, reason)
 
-
-def _frame_id(delivery: _Delivery) -> tuple[str, int]:
-    return delivery.frame.info.source_id, delivery.frame.info.index
+    def _lose(self, source_id: str, deliveries: list[_Delivery], reason: str) -> None:
+        if not deliveries:
+            return
+        self.stats.lost += len(deliveries)
+        self._lost_since_flush += len(deliveries)
+        self._free_slots(len(deliveries))
+        first, last = deliveries[0].frame.info.index, deliveries[-1].frame.info.index
+        frames = f"frame {first}" if first == last else f"frames {first}–{last}"
+        log.error("%d records of %s lost (%s): %s", len(deliveries), source_id, frames, reason)
+        if self._report is not None:
+            self._report.lost([delivery.frame for delivery in deliveries], reason)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -370,49 +369,13 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
-def _client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Connection options shared by the producer and the admin client."""
-    return {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": CLIENT_ID,
-        "request_timeout_ms": settings.request_timeout_ms,
-        "security_protocol": settings.security_protocol,
-        "ssl_context": _ssl_context(settings),
-        "sasl_mechanism": settings.sasl_mechanism,
-        "sasl_plain_username": settings.sasl_username,
-        "sasl_plain_password": settings.sasl_password,
-    }
-
-
-def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
-    if not settings.security_protocol.endswith("SSL"):
-        return None
-    try:
-        context: ssl.SSLContext = create_ssl_context(
-            cafile=settings.ssl_cafile and str(settings.ssl_cafile),
-            certfile=settings.ssl_certfile and str(settings.ssl_certfile),
-            keyfile=settings.ssl_keyfile and str(settings.ssl_keyfile),
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"kafka TLS files cannot be loaded: {exc}") from exc
-    return context
-
-
-async def _ensure_topic(options: dict[str, Any], settings: KafkaSettings) -> None:
-    """Create the topic unless it exists; listing first, since a metadata lookup of one topic may auto-create it."""
-    admin = AIOKafkaAdminClient(**options)
-    try:
-        await admin.start()
-        if settings.topic in await admin.list_topics():
-            return
-        response = await admin.create_topics(
-            [NewTopic(settings.topic, settings.partitions, settings.replication_factor)]
-        )
-        for topic, error_code, *message in response.topic_errors:  # v1+ responses add a message
-            error = for_code(error_code)
-            if error_code and error is not TopicAlreadyExistsError:
-                reason = message[0] if message and message[0] else error.__name__
-                raise PublishError(f"cannot create topic {topic} at {settings.bootstrap_servers}: {reason}")
-        log.info("created topic %s with %d partitions", settings.topic, settings.partitions)
-    finally:
-        await admin.close()
+def _kafka_producer(settings: KafkaSettings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        **client_options(settings),
+        acks=settings.acks,
+        linger_ms=settings.linger_ms,
+        max_batch_size=settings.max_batch_bytes,
+        max_request_size=settings.max_request_bytes,
+        compression_type=settings.compression,
+        enable_idempotence=settings.idempotent,
+    )

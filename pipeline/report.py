@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +24,11 @@ class SourceReport:
     source_stats: SourceStats = field(default_factory=SourceStats)
     sampled: int = 0
     annotated: int = 0
-    published: int = 0
-    failed: int = 0  # refused by the annotator, or lost to an error after capture
+    handed_over: int = 0  # sampled frames done with the lane: given to the publisher, or failed
+    published: int = 0  # acknowledged by Kafka
+    failed: int = 0  # could not be encoded or annotated (a bad image, an annotator error)
+    unavailable: int = 0  # LIVE: skipped while the annotator was unavailable (the next frame is fresher)
+    lost: int = 0  # annotated, but Kafka never acknowledged the record
     error: str | None = None  # why the source stopped early, if it did
     last_published: FrameInfo | None = None
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -89,15 +93,20 @@ class ProgressDisplay:
 
 
 class RunReports:
-    """Every source's report, updated as Kafka acknowledges records."""
+    """Every source's report, updated as Kafka acknowledges records (a publisher's `DeliveryReport`)."""
 
     def __init__(self, sources: list[Source], progress: ProgressDisplay | None = None) -> None:
         self.by_source = {source.source_id: SourceReport(source.source_id, source.stats) for source in sources}
         self._progress = progress
+        self.started = False  # the stages are up and the sources capturing
         self.first_captured_at: float | None = None  # time.monotonic() of the earliest frame published
         self.last_published_at: float | None = None
 
-    def on_published(self, frame: AnnotatedFrame) -> None:
+    def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None:
+        for frame in frames:
+            self.by_source[frame.info.source_id].lost += 1
+
+    def published(self, frame: AnnotatedFrame) -> None:
         report = self.by_source[frame.info.source_id]
         report.record_published(frame.info)
         captured_at = frame.info.captured_at
@@ -129,6 +138,7 @@ def summary_table(reports: RunReports, elapsed_s: float) -> Table:
         "published",
         "dropped",
         "failed",
+        "lost",
         "reconnects",
         "p50_ms",
         "p95_ms",
@@ -145,8 +155,9 @@ def summary_table(reports: RunReports, elapsed_s: float) -> Table:
             str(report.sampled),
             str(report.annotated),
             str(report.published),
-            str(stats.dropped),
-            str(report.failed + stats.errors),
+            str(stats.dropped + report.unavailable),
+            str(report.failed),
+            str(report.lost),
             str(stats.reconnects),
             "-" if p50 is None else f"{p50:.0f}",
             "-" if p95 is None else f"{p95:.0f}",

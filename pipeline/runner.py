@@ -1,17 +1,23 @@
 """Runs every source's lane at once: source → sampler → encoder → annotator → publisher.
 
-Each source has its own lane. Its frames are encoded and annotated
-concurrently (up to `frames_in_flight` at a time, bounded), but handed to the
-publisher strictly in capture order, so one source's records reach Kafka in
-frame order. A full lane makes the capture loop wait: replay sources then slow
-down (lossless), live sources drop stale frames at the camera (freshest).
+Each source has its own lane, and each lane is one task group: the capture
+loop, the frames being encoded and annotated (up to `frames_in_flight` at a
+time, bounded), and the task that hands them to the publisher strictly in
+capture order, so one source's records reach Kafka in frame order. A full lane
+makes the capture loop wait: replay sources then slow down (lossless), live
+sources drop stale frames at the camera (freshest).
+
+A lane ends when its source does, or with an error that names the source and
+the frame: the source failed, a record could not be published, the annotator
+stayed unavailable for a replay frame, or an internal error. Its report says
+why and the other lanes go on. A frame that cannot be annotated (a bad image,
+a live frame while the annotator is unavailable) is counted and skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,11 +28,18 @@ from pipeline.publisher import Publisher
 from pipeline.report import SourceReport
 from pipeline.sampler import Sampler, SamplingSettings
 from pipeline.sources import Source, SourceError
-from services.errors import AnnotatorError, AnnotatorUnavailable, InvalidImageError
+from services.errors import AnnotatorError, AnnotatorUnavailable, FramelabelError, InvalidImageError
 
 log = logging.getLogger("framelabel.run")
 
-UNAVAILABLE_BACKOFF_MAX_S = 10.0
+FrameQueue = asyncio.Queue[asyncio.Task[AnnotatedFrame | None] | None]
+
+
+class LaneError(FramelabelError):
+    """A lane stopped early; the message names its source and the frame."""
+
+    def __init__(self, source_id: str, frame_index: int, problem: str) -> None:
+        super().__init__(f"source {source_id} frame {frame_index}: {problem}")
 
 
 @dataclass
@@ -52,34 +65,51 @@ class Runner:
         self._annotator = annotator
         self._publisher = publisher
         self._frames_in_flight = frames_in_flight
-        self._encode_pool = ThreadPoolExecutor(encode_threads, thread_name_prefix="encode")
+        self._encode_threads = encode_threads
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         """Stop capturing; frames already captured are still annotated and published."""
         self._stopping.set()
 
+    @property
+    def frames_in_flight(self) -> int:
+        """Frames captured and sampled but not yet handed to the publisher."""
+        return sum(lane.report.sampled - lane.report.handed_over for lane in self.lanes)
+
     async def run(self) -> None:
-        """Until every replay source has ended (and live ones are stopped), then flush the publisher."""
-        closer = asyncio.create_task(self._close_sources_on_stop(), name="close-sources")
-        try:
+        """Until every lane has ended: replays at their end, cameras when stopped, any lane on its error."""
+        with ThreadPoolExecutor(self._encode_threads, thread_name_prefix="encode") as encode_pool:
             async with asyncio.TaskGroup() as lanes:
                 for lane in self.lanes:
-                    lanes.create_task(self._run_lane(lane), name=f"lane-{lane.report.source_id}")
-        finally:
-            closer.cancel()
-            self._encode_pool.shutdown(wait=False)
-        await self._publisher.flush()
+                    lanes.create_task(self._run_lane(lane, encode_pool), name=f"lane-{lane.report.source_id}")
 
-    async def _close_sources_on_stop(self) -> None:
+    async def _run_lane(self, lane: Lane, encode_pool: ThreadPoolExecutor) -> None:
+        source_id = lane.report.source_id
+        try:
+            async with lane.source, asyncio.TaskGroup() as stages:
+                closer = stages.create_task(self._close_on_stop(lane.source), name=f"close-{source_id}")
+                in_order: FrameQueue = asyncio.Queue(self._frames_in_flight)
+                stages.create_task(self._publish_in_order(lane, in_order), name=f"publish-{source_id}")
+                await self._capture(lane, in_order, stages, encode_pool)
+                closer.cancel()
+        except* FramelabelError as failures:
+            error = failures.exceptions[0]
+            lane.report.error = str(error)
+            # an expected failure is one line; one caused by a bug carries the bug's traceback
+            bug = error.__cause__ if not isinstance(error.__cause__, FramelabelError | None) else None
+            log.error("%s", error, exc_info=bug)
+        except* Exception as failures:  # a bug outside any frame: this lane ends, the others go on
+            lane.report.error = f"source {source_id}: internal error: {failures.exceptions[0]!r}"
+            log.error("%s", lane.report.error, exc_info=failures.exceptions[0])
+
+    async def _close_on_stop(self, source: Source) -> None:
         await self._stopping.wait()
-        await asyncio.gather(*(lane.source.close() for lane in self.lanes))
+        await source.close()  # ends its frames(): the capture loop finishes, the frames in flight go on
 
-    async def _run_lane(self, lane: Lane) -> None:
-        in_order: asyncio.Queue[asyncio.Task[AnnotatedFrame | None] | None] = asyncio.Queue(self._frames_in_flight)
-        publishing = asyncio.create_task(
-            self._publish_in_order(lane, in_order), name=f"publish-{lane.source.source_id}"
-        )
+    async def _capture(
+        self, lane: Lane, in_order: FrameQueue, stages: asyncio.TaskGroup, encode_pool: ThreadPoolExecutor
+    ) -> None:
         sampler = Sampler(lane.sampling)
         try:
             async for frame in lane.source.frames():
@@ -87,65 +117,50 @@ class Runner:
                     continue
                 lane.report.sampled += 1
                 name = f"frame-{frame.info.source_id}-{frame.info.index}"
-                await in_order.put(asyncio.create_task(self._annotate(lane, frame), name=name))
-        except SourceError as exc:
+                await in_order.put(stages.create_task(self._annotate(lane, frame, encode_pool), name=name))
+        except SourceError as exc:  # what was captured before it is still published
             lane.report.error = str(exc)
             log.error("source %s: %s", lane.source.source_id, exc)
-        except Exception as exc:
-            # a bug in one lane must not take the other sources down with it
-            lane.report.error = f"internal error: {exc!r}"
-            log.exception("source %s stopped by an internal error", lane.source.source_id)
-        finally:
-            await in_order.put(None)
-            await publishing
-            await lane.source.close()
+        await in_order.put(None)
 
-    async def _publish_in_order(
-        self, lane: Lane, in_order: asyncio.Queue[asyncio.Task[AnnotatedFrame | None] | None]
-    ) -> None:
+    async def _publish_in_order(self, lane: Lane, in_order: FrameQueue) -> None:
         while (pending := await in_order.get()) is not None:
-            try:
-                annotated = await pending
-            except Exception:
-                lane.report.failed += 1
-                log.exception("source %s: frame lost to an internal error", lane.source.source_id)
-                continue
+            annotated = await pending
             if annotated is not None:
                 await self._publisher.publish(annotated)
+            lane.report.handed_over += 1
 
-    async def _annotate(self, lane: Lane, frame: Frame) -> AnnotatedFrame | None:
+    async def _annotate(self, lane: Lane, frame: Frame, encode_pool: ThreadPoolExecutor) -> AnnotatedFrame | None:
         """The annotated frame, or None when it cannot be annotated (counted and logged)."""
+        report, index = lane.report, frame.info.index
         loop = asyncio.get_running_loop()
-        report = lane.report
         try:
-            encoded = await loop.run_in_executor(self._encode_pool, encode, frame, lane.encoding)
+            encoded = await loop.run_in_executor(encode_pool, encode, frame, lane.encoding)
         except ValueError as exc:
             report.failed += 1
-            log.warning("source %s frame %d: cannot encode: %s", report.source_id, frame.info.index, exc)
+            log.warning("source %s frame %d: cannot encode: %s", report.source_id, index, exc)
             return None
-        backoff = 0.5
         live = lane.source.policy is DeliveryPolicy.LIVE
-        while True:
-            try:
-                # a live frame is not worth waiting for: the next one is fresher
-                response = await self._annotator.annotate(encoded.request, patient=not live)
-            except InvalidImageError as exc:
-                report.failed += 1
-                log.warning("source %s frame %d: INVALID_ARGUMENT: %s", report.source_id, frame.info.index, exc)
-                return None
-            except AnnotatorUnavailable as exc:
-                if live or self._stopping.is_set():
-                    report.failed += 1
-                    log.warning("source %s frame %d: not annotated: %s", report.source_id, frame.info.index, exc)
-                    return None
-                # a replay loses nothing: wait for the annotator to come back
-                log.warning("source %s: annotator unavailable, retrying in %.0fs: %s", report.source_id, backoff, exc)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
-                backoff = min(backoff * 2, UNAVAILABLE_BACKOFF_MAX_S)
-                continue
-            except AnnotatorError as exc:
-                report.failed += 1
-                log.warning("source %s frame %d: %s", report.source_id, frame.info.index, exc)
-                return None
-            report.annotated += 1
-            return AnnotatedFrame(info=encoded.info, response=response, width=encoded.width, height=encoded.height)
+        try:
+            # a live frame is not worth waiting for: the next one is fresher
+            response = await self._annotator.annotate(encoded.request, patient=not (live or self._stopping.is_set()))
+        except InvalidImageError as exc:
+            report.failed += 1
+            log.warning("source %s frame %d: INVALID_ARGUMENT: %s", report.source_id, index, exc)
+            return None
+        except AnnotatorUnavailable as exc:
+            if not live:  # a replay skips no frame: it stops here, to be resumed from this frame
+                raise LaneError(report.source_id, index, f"not annotated: {exc}") from None
+            report.unavailable += 1  # dropped like any stale live frame: the next one is fresher
+            log.warning("source %s frame %d: not annotated: %s", report.source_id, index, exc)
+            return None
+        except AnnotatorError as exc:
+            report.failed += 1
+            log.warning("source %s frame %d: %s", report.source_id, index, exc)
+            return None
+        except FramelabelError:
+            raise
+        except Exception as exc:
+            raise LaneError(report.source_id, index, f"internal error while annotating: {exc!r}") from exc
+        report.annotated += 1
+        return AnnotatedFrame(info=encoded.info, response=response, width=encoded.width, height=encoded.height)

@@ -7,23 +7,23 @@ clock for cameras; `every_nth` keeps frames 0, N, 2N, … by index.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from pipeline.frames import FrameInfo
+from services.config import StrictModel
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    fps: float | None = None
-    every_nth: int | None = None
+class SamplingSettings(StrictModel):
+    fps: Annotated[float, Field(gt=0)] | None = None
+    every_nth: Annotated[int, Field(ge=1)] | None = None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_rule(self) -> SamplingSettings:
         if self.fps is not None and self.every_nth is not None:
-            raise ValueError("give at most one of fps and every_nth")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
-        if self.every_nth is not None and self.every_nth < 1:
-            raise ValueError(f"every_nth must be >= 1, got {self.every_nth}")
+            raise ValueError("give at most one of `fps` and `every_nth`")
+        return self
 
 
 class Sampler:

@@ -12,25 +12,27 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.api import image_classifier_service_pb2, image_classifier_service_pb2_grpc
+from services.api import image_classifier_service_pb2_grpc
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
+from services.api_names import SERVICE_NAME
 from services.auth import AuthInterceptor, Credentials
 from services.batching import Batcher, BatchingSettings
 from services.classifier import Classifier
 from services.config import ServiceConfig
 from services.errors import ConfigError, InvalidImageError
+from services.net import probe_bind
 from services.runtime import settle_heap
 
 log = logging.getLogger("framelabel.serve")
-
-SERVICE_NAME = image_classifier_service_pb2.DESCRIPTOR.services_by_name["ImageClassifierService"].full_name
 
 
 class AnnotateServicer(image_classifier_service_pb2_grpc.ImageClassifierServiceServicer):
@@ -103,6 +105,8 @@ class AnnotateServer:
             options=[
                 ("grpc.max_receive_message_length", config.message_limit),
                 ("grpc.max_send_message_length", config.message_limit),
+                # on by default in gRPC: a second server on a port in use would share its traffic, unnoticed
+                ("grpc.so_reuseport", 0),
             ],
         )
         batcher = None
@@ -120,6 +124,11 @@ class AnnotateServer:
         )
         address = f"{config.host}:{config.port}"
         server_credentials = _server_credentials(config)
+        if config.port:
+            try:
+                probe_bind(config.host, config.port)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         try:
             if server_credentials is None:
                 self.port = self._server.add_insecure_port(address)
@@ -148,19 +157,36 @@ class AnnotateServer:
         """Refuse new calls, let in-flight ones finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace_seconds)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
         log.info("stopped")
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
 
-async def serve(config: ServiceConfig, classifier: Classifier) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = AnnotateServer(config, classifier)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def serve(config: ServiceConfig, load: Callable[[], Classifier]) -> None:
+    """Load the classifier, serve it until SIGTERM, SIGINT or SIGHUP, then shut down gracefully.
+
+    The signal handlers are in place first: a signal while the model loads ends the process cleanly."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    settle_heap()
-    await stop.wait()
-    log.info("signal received: finishing in-flight calls (grace %.0fs)", config.grace_seconds)
-    await server.stop()
+    loading = asyncio.ensure_future(asyncio.to_thread(load))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        log.info("signal received while loading the classifier: not serving")
+        loading.cancel()
+        return
+    async with AnnotateServer(config, loading.result()):
+        settle_heap()
+        await stopped
+        log.info("signal received: finishing in-flight calls (grace %.0fs)", config.grace_seconds)

@@ -33,6 +33,7 @@ from pipeline.processes import stop_process
 from pipeline.records import DecodedRecord
 from tests.cameras import free_port, wait_until
 from tests.helpers import FRAMELABEL
+from tests.kafka import connection
 
 POLL_S = 0.05
 STOP_TIMEOUT_S = 60.0
@@ -305,7 +306,7 @@ class TopicWatcher:
         while True:
             copies: Counter[tuple[str, int]] = Counter()
             try:
-                async for record in consume(self.bootstrap, self.topic, from_beginning=True):
+                async for record in consume(connection(self.bootstrap, self.topic), from_beginning=True):
                     frame = (record.source_id, record.frame_index)
                     copies[frame] += 1
                     if copies[frame] > self._copies[frame]:

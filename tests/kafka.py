@@ -6,8 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -15,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from pipeline.broker import EmbeddedBroker
 from pipeline.consumer import consume
 from pipeline.frames import AnnotatedFrame, FrameInfo
-from pipeline.publisher import KafkaSettings
+from pipeline.kafka import KafkaConnection, KafkaSettings
 from pipeline.records import DecodedRecord
 from services.api.image_classifier_pb2 import (
     AnnotationResponse,
@@ -51,7 +50,27 @@ def paused(broker: EmbeddedBroker) -> Iterator[None]:
 
 def settings_for(broker: EmbeddedBroker, **overrides: Any) -> KafkaSettings:
     """Publisher settings for Tansu, which rejects aiokafka's idempotent producer."""
-    return replace(KafkaSettings(broker.address, enable_idempotence=False), **overrides)
+    return KafkaSettings.model_validate({"bootstrap_servers": broker.address, "enable_idempotence": False} | overrides)
+
+
+def connection(address: str, topic: str) -> KafkaConnection:
+    return KafkaConnection(bootstrap_servers=address, topic=topic)
+
+
+class Deliveries:
+    """A publisher's `DeliveryReport` that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.acknowledged: list[AnnotatedFrame] = []
+        self.given_up: list[AnnotatedFrame] = []
+        self.reasons: list[str] = []
+
+    def published(self, frame: AnnotatedFrame) -> None:
+        self.acknowledged.append(frame)
+
+    def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None:
+        self.given_up.extend(frames)
+        self.reasons.append(reason)
 
 
 def annotated_frame(
@@ -83,7 +102,7 @@ async def read_topic(address: str, topic: str, *, max_records: int | None = None
     return [
         record
         async for record in consume(
-            address, topic, from_beginning=True, max_records=max_records, idle_timeout_s=QUIET_S
+            connection(address, topic), from_beginning=True, max_records=max_records, idle_timeout_s=QUIET_S
         )
     ]
 

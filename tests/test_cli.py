@@ -60,7 +60,7 @@ def test_annotate_reports_bad_images_and_goes_on(photos: list[Path], tmp_path: P
 def test_annotate_against_an_unreachable_target_names_it(photos: list[Path]) -> None:
     result = framelabel("annotate", "--target", "127.0.0.1:1", "--retry-for", "1", str(photos[0]))
     assert result.returncode == 2
-    assert "framelabel: error: 127.0.0.1:1: UNAVAILABLE" in result.stderr
+    assert "framelabel: error: cannot reach the Annotate service at 127.0.0.1:1 within 1 s" in result.stderr
     assert "Traceback" not in result.stderr
 
 

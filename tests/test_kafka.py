@@ -20,7 +20,8 @@ import pytest
 from pipeline.broker import BrokerError, EmbeddedBroker
 from pipeline.consumer import ConsumeError, consume
 from pipeline.frames import AnnotatedFrame
-from pipeline.publisher import KafkaSettings, Publisher, PublishError
+from pipeline.kafka import KafkaSettings, KafkaUnreachable
+from pipeline.publisher import Publisher, PublishError
 from pipeline.records import (
     JSON_CONTENT_TYPE,
     PROTOBUF_CONTENT_TYPE,
@@ -32,7 +33,9 @@ from pipeline.records import (
 from services.api.image_classifier_pb2 import AnnotationResponse
 from tests.kafka import (
     DEADLINE_S,
+    Deliveries,
     annotated_frame,
+    connection,
     kafka_broker,
     partition_count,
     paused,
@@ -132,14 +135,14 @@ async def test_published_frames_come_back_in_order(
     broker: EmbeddedBroker, value_format: str, compression: str | None
 ) -> None:
     frames = interleaved(200)
-    acknowledged: list[AnnotatedFrame] = []
+    deliveries = Deliveries()
     settings = settings_for(broker, partitions=5, value_format=value_format, compression=compression)
-    async with started(Publisher(settings, on_published=acknowledged.append)) as publisher:
+    async with Publisher(settings, deliveries) as publisher:
         for frame in frames:
             await publisher.publish(frame)
         await publisher.flush()
-        assert (publisher.stats.published, publisher.stats.failed, publisher.stats.retried) == (200, 0, 0)
-    assert len(acknowledged) == 200
+        assert (publisher.stats.published, publisher.stats.lost, publisher.stats.retried) == (200, 0, 0)
+    assert len(deliveries.acknowledged) == 200
 
     assert await partition_count(broker.address, settings.topic) == 5
     records = await read_topic(broker.address, settings.topic)
@@ -176,7 +179,7 @@ async def test_consumer_filters_by_source_and_stops_at_max_records(broker: Embed
     records = [
         record
         async for record in consume(
-            broker.address, publisher.settings.topic, from_beginning=True, max_records=5, source_id="cam-b"
+            connection(broker.address, publisher.settings.topic), from_beginning=True, max_records=5, source_id="cam-b"
         )
     ]
     assert [(record.source_id, record.frame_index) for record in records] == [("cam-b", index) for index in range(5)]
@@ -184,22 +187,22 @@ async def test_consumer_filters_by_source_and_stops_at_max_records(broker: Embed
 
 async def test_consuming_a_missing_topic_says_so(broker: EmbeddedBroker) -> None:
     with pytest.raises(ConsumeError, match=f"topic nowhere does not exist at {broker.address}"):
-        await anext(consume(broker.address, "nowhere", from_beginning=True))
+        await anext(consume(connection(broker.address, "nowhere"), from_beginning=True))
 
 
 async def test_unreachable_kafka_is_reported_with_its_address() -> None:
     address = f"127.0.0.1:{closed_port()}"
     began = time.monotonic()
-    with pytest.raises(PublishError, match=f"cannot reach Kafka at {address}"):
-        await Publisher(KafkaSettings(address, enable_idempotence=False)).start()
+    with pytest.raises(KafkaUnreachable, match=f"cannot reach Kafka at {address}"):
+        await Publisher(KafkaSettings(bootstrap_servers=address, enable_idempotence=False)).start()
     with pytest.raises(ConsumeError, match=f"cannot reach Kafka at {address}"):
-        await anext(consume(address, "any", from_beginning=True))
+        await anext(consume(connection(address, "any"), from_beginning=True))
     assert time.monotonic() - began < 5.0
 
 
 async def test_flush_returns_once_every_record_is_acknowledged(broker: EmbeddedBroker) -> None:
-    acknowledged: list[AnnotatedFrame] = []
-    async with started(Publisher(settings_for(broker), on_published=acknowledged.append)) as publisher:
+    deliveries = Deliveries()
+    async with Publisher(settings_for(broker), deliveries) as publisher:
         with paused(broker):
             for frame in interleaved(50):
                 await publisher.publish(frame)  # queued, not acknowledged: the broker is frozen
@@ -208,7 +211,7 @@ async def test_flush_returns_once_every_record_is_acknowledged(broker: EmbeddedB
             assert not flushing.done()
             assert publisher.stats.published == 0
         await flushing
-        assert publisher.stats.published == len(acknowledged) == 50
+        assert publisher.stats.published == len(deliveries.acknowledged) == 50
 
 
 async def test_publish_waits_for_room_then_gives_up(broker: EmbeddedBroker) -> None:
@@ -234,7 +237,7 @@ async def test_failed_deliveries_are_retried_until_the_broker_is_back(broker: Em
                 await publisher.publish(frame)
             await wait_for("failed deliveries to be retried", lambda: publisher.stats.retried >= len(frames))
         await publisher.flush()
-        assert (publisher.stats.published, publisher.stats.failed) == (20, 0)
+        assert (publisher.stats.published, publisher.stats.lost) == (20, 0)
 
     # At least once: each frame is stored, a frozen request may have been stored as well.
     records = await read_topic(broker.address, settings.topic)
@@ -256,9 +259,10 @@ async def test_records_given_up_make_flush_fail_loudly(
                 await publisher.publish(annotated_frame("cam-b", index))
             with pytest.raises(PublishError, match="3 records were not delivered"):
                 await publisher.flush()
-        assert (publisher.stats.published, publisher.stats.failed, publisher.stats.retried) == (1, 3, 3)
-    lost = [message.split(" not delivered")[0] for message in caplog.messages if "not delivered" in message]
-    assert lost == [f"record of cam-b frame {index}" for index in (1, 2, 3)]
+        assert (publisher.stats.published, publisher.stats.lost, publisher.stats.retried) == (1, 3, 3)
+    lost_lines = [message for message in caplog.messages if " lost (" in message]
+    assert len(lost_lines) == 1  # one line for the batch, not one per record
+    assert lost_lines[0].startswith("3 records of cam-b lost (frames 1–3): not delivered after 2 attempts")
 
 
 async def test_a_record_over_one_mebibyte_is_delivered(broker: EmbeddedBroker) -> None:
@@ -268,7 +272,9 @@ async def test_a_record_over_one_mebibyte_is_delivered(broker: EmbeddedBroker) -
     assert [record.response for record in await read_topic(broker.address, publisher.settings.topic)] == [big.response]
 
     async with started(Publisher(settings_for(broker, max_request_bytes=1024 * 1024))) as publisher:
-        with pytest.raises(PublishError, match=r"cam-b frame 0.*max_request_size"):
+        with pytest.raises(
+            PublishError, match=r"cam-b frame 0 is \d+ bytes, more than kafka.max_request_bytes 1048576"
+        ):
             await publisher.publish(big)
 
 

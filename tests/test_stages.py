@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from pipeline.config import EMBEDDED, load_run_config, parse_source_flag
+from pipeline.config import load_run_config, parse_source_flag
+from pipeline.kafka import EMBEDDED
 from pipeline.encoder import EncoderSettings, encode
 from pipeline.frames import Frame, FrameInfo
 from pipeline.sampler import Sampler, SamplingSettings
@@ -62,7 +63,7 @@ def frame(width: int, height: int) -> Frame:
 
 
 def test_encoder_downscales_to_max_side_and_keeps_colours() -> None:
-    encoded = encode(frame(1280, 720), EncoderSettings(quality=90, max_side=640))
+    encoded = encode(frame(1280, 720), EncoderSettings(jpeg_quality=90, max_side=640))
     assert (encoded.width, encoded.height) == (640, 360)
     assert encoded.info.index == 7
     assert encoded.request.image.image_type == Image.JPEG

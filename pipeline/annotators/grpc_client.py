@@ -3,9 +3,15 @@
 Retries belong to gRPC itself: the channel's service config carries a
 `retryPolicy` for UNAVAILABLE and RESOURCE_EXHAUSTED (exponential backoff with
 jitter, at most 5 attempts). Since 5 attempts cannot wait out a service being
-redeployed, an outer loop keeps retrying those two codes, with capped backoff,
-until `retry_for_seconds` has passed. Several targets share the load in turn;
-each channel also balances `round_robin` over every address its name resolves to.
+redeployed, a patient call goes on retrying those two codes under the run's
+retry policy until `retry_for_seconds` has passed, then raises
+`AnnotatorUnavailable`: this is the only wait for the service, and it is
+bounded. Several targets share the load in turn; each channel also balances
+`round_robin` over every address its name resolves to.
+
+`start()` opens the channels and waits up to `connect_timeout_seconds` for one
+target to accept a connection, so that a wrong address or TLS setting is one
+clear error at start, not a run that waits for a service that will never come.
 """
 
 from __future__ import annotations
@@ -13,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import random
-import time
+import logging
 from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
 
+from pipeline.annotators import AnnotatorLifetime
+from pipeline.retry import RetryPolicy
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
+from services.api_names import SERVICE_NAME
 from services.errors import AnnotatorError, AnnotatorUnavailable, InvalidImageError
-from services.server import SERVICE_NAME
+
+log = logging.getLogger("framelabel.annotate")
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -38,14 +47,15 @@ class GrpcSettings:
     client_certificate: tuple[bytes, bytes] | None = None  # (key, cert) for mutual TLS
     authorization: str | None = field(default=None, repr=False)  # "Api-Key …" or "Bearer …"
     extra_metadata: tuple[tuple[str, str], ...] = ()
-    deadline_seconds: float = 10.0
+    deadline_seconds: float = 10.0  # per call
     max_in_flight: int = 16
-    retry_for_seconds: float = 60.0
+    retry_for_seconds: float = 60.0  # how long a patient call waits out an unavailable service
+    connect_timeout_seconds: float = 10.0  # how long start() waits for a first connection
     max_backoff_seconds: float = 5.0
 
-    def __post_init__(self) -> None:
-        if not self.targets:
-            raise ValueError("at least one gRPC target is needed")
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(0.2, self.max_backoff_seconds, deadline_s=self.retry_for_seconds)
 
 
 def service_config() -> str:
@@ -85,12 +95,14 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
     return aio.secure_channel(target, credentials, options=options)
 
 
-class GrpcAnnotator:
+class GrpcAnnotator(AnnotatorLifetime):
     def __init__(self, settings: GrpcSettings) -> None:
+        """No I/O: start() opens the channels."""
+        if not settings.targets:
+            raise ValueError("at least one gRPC target is needed")
         self.settings = settings
-        self._channels = [_open_channel(target, settings) for target in settings.targets]
-        stubs = [ImageClassifierServiceStub(channel) for channel in self._channels]
-        self._stubs = itertools.cycle(list(zip(settings.targets, stubs, strict=True)))
+        self._channels: list[aio.Channel] = []
+        self._stubs: itertools.cycle[tuple[str, ImageClassifierServiceStub]] | None = None
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         metadata = list(settings.extra_metadata)
         if settings.authorization:
@@ -102,10 +114,38 @@ class GrpcAnnotator:
         scheme = "grpcs" if self.settings.tls else "grpc"
         return ", ".join(f"{scheme}://{target}" for target in self.settings.targets)
 
+    @property
+    def ready(self) -> bool:
+        return self._stubs is not None
+
+    async def start(self) -> None:
+        """Open the channels; AnnotatorUnavailable naming every target if none connects in time."""
+        settings = self.settings
+        self._channels = [_open_channel(target, settings) for target in settings.targets]
+        within_s = settings.connect_timeout_seconds
+        log.info("connecting to the Annotate service at %s (up to %g s)", self.description, within_s)
+        waiters = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if not done:
+            await self.close()
+            tls = "TLS settings it does not accept" if settings.tls else "it wants TLS"
+            raise AnnotatorUnavailable(
+                f"cannot reach the Annotate service at {', '.join(settings.targets)} within {within_s:g} s "
+                f"(not running, a wrong address, or {tls})",
+                "UNAVAILABLE",
+            )
+        stubs = [ImageClassifierServiceStub(channel) for channel in self._channels]
+        self._stubs = itertools.cycle(list(zip(settings.targets, stubs, strict=True)))
+
     async def annotate(self, request: AnnotationRequest, *, patient: bool = True) -> AnnotationResponse:
         """Impatient calls give up after gRPC's own retries instead of waiting out an outage."""
-        give_up_at = time.monotonic() + (self.settings.retry_for_seconds if patient else 0.0)
-        backoff = 0.2
+        if self._stubs is None:
+            raise AnnotatorError(f"the gRPC annotator for {self.description} is not started")
+        attempts = self.settings.retry_policy.start()
         async with self._in_flight:
             while True:
                 target, stub = next(self._stubs)
@@ -120,33 +160,16 @@ class GrpcAnnotator:
                         raise InvalidImageError(exc.details() or "invalid argument") from None
                     if code not in RETRYABLE:
                         raise AnnotatorError(f"{target}: {code.name}: {exc.details()}", code.name) from None
-                    if time.monotonic() + backoff > give_up_at:
+                    delay = attempts.failed() if patient else None
+                    if delay is None:
+                        waited = f" for {attempts.gave_up_after_s:.0f} s" if patient else ""
                         raise AnnotatorUnavailable(
-                            f"{target}: {code.name} for {self.settings.retry_for_seconds:g}s: {exc.details()}",
-                            code.name,
+                            f"{target}: {code.name}{waited}: {exc.details()}", code.name
                         ) from None
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
-                backoff = min(backoff * 2, self.settings.max_backoff_seconds)
-
-    async def wait_until_reachable(self, within_s: float) -> None:
-        """Return once any target answers a connection; AnnotatorUnavailable naming them all if none does in time.
-
-        Called at start-up, so that a wrong address or TLS setting is one clear error, not a replay
-        that waits forever for a service that will never come."""
-        ready = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
-        try:
-            done, _ = await asyncio.wait(ready, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in ready:
-                waiter.cancel()
-        if not done:
-            tls = "TLS settings it does not accept" if self.settings.tls else "it wants TLS"
-            raise AnnotatorUnavailable(
-                f"cannot reach the Annotate service at {', '.join(self.settings.targets)} within {within_s:g} s "
-                f"(not running, a wrong address, or {tls})",
-                "UNAVAILABLE",
-            )
+                await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        for channel in self._channels:
+        self._stubs = None
+        channels, self._channels = self._channels, []
+        for channel in channels:
             await channel.close()

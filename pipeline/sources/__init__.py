@@ -8,7 +8,8 @@ The URI picks the kind and with it the delivery policy:
     a directory, or a glob with * ? [                      image_folder.ImageFolderSource REPLAY
     anything else                                          video_file.VideoFileSource     REPLAY
 
-open_source() does no I/O: a missing or unreadable input raises `SourceError`
+A source is an async context manager that owns its reader threads: leaving
+the block closes it. open_source() does no I/O: a missing or unreadable input raises `SourceError`
 from the first step of `frames()`. `total_frames` probes a file or lists a
 folder on first use, a short blocking call. Cameras never raise for being
 unreachable; they reconnect until closed.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Protocol, Self
 
 from pipeline.frames import DeliveryPolicy, Frame
 from pipeline.sources._types import SourceError, SourceSettings, SourceStats
@@ -43,6 +44,14 @@ class Source(Protocol):
 
     async def close(self) -> None:
         """Idempotent; makes frames() end soon and joins the reader threads."""
+        ...
+
+    async def __aenter__(self) -> Self:
+        """The source as it is; reading starts with frames()."""
+        ...
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """close()."""
         ...
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
+from typing import Self
 
 import numpy as np
 from cv2.typing import MatLike
@@ -119,6 +120,12 @@ class ThreadedSource(abc.ABC):
     @property
     def total_frames(self) -> int | None:
         return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def frames(self) -> AsyncGenerator[Frame, None]:
         """Every frame the policy delivers; ends at the end of the stream or on close(); iterate once."""

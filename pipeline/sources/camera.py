@@ -21,7 +21,6 @@ whole process: see `_ffmpeg`.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -60,12 +59,6 @@ def _device_target(uri: str) -> int | str | None:
     if DEVICE.fullmatch(uri) is None:
         return None
     return int(uri) if uri.isdigit() else uri
-
-
-def backoff_delay(failures: int, settings: SourceSettings) -> float:
-    """Capped exponential backoff with jitter, so cameras that failed together do not retry in step."""
-    step = min(settings.backoff_max_seconds, settings.backoff_initial_seconds * 2.0 ** min(failures, 32))
-    return step * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
 
 
 class _Reader:
@@ -123,13 +116,14 @@ class CameraSource(ThreadedSource):
         self._start_thread(f"reader{self._readers_started}", read_forever, handoff)
 
     def _read_forever(self, handoff: FrameHandoff, reader: _Reader) -> None:
-        failures = 0  # connections in a row that gave no frame: the backoff exponent
+        attempts = self.settings.reconnect_policy.start()  # connections in a row that gave no frame
         while True:
             cause, streamed = self._stream(handoff, reader)
             if handoff.stopped or reader.abandoned:
                 return
-            failures = 0 if streamed else failures + 1
-            delay = backoff_delay(failures, self.settings)
+            if streamed:
+                attempts.succeeded()
+            delay = attempts.failed() or 0.0  # the policy has no deadline
             self._reconnecting(cause, delay)
             if handoff.wait_until_stopped(delay):
                 return

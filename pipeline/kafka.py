@@ -1,0 +1,155 @@
+"""Kafka plumbing shared by the publisher, the consumer and the CLI: settings, client options, the topic.
+
+`KafkaConnection` is what any client needs to reach a cluster (addresses,
+timeouts, TLS, SASL); `KafkaSettings` adds what the publisher does with it.
+Both are validated once, when the run config or the flags are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.helpers import create_ssl_context
+from pydantic import Field, SecretStr, model_validator
+
+from services.config import StrictModel
+from services.errors import ConfigError, FramelabelError
+
+log = logging.getLogger("framelabel.kafka")
+
+MiB = 1024 * 1024
+EMBEDDED = "embedded"  # not an address: the run starts a Tansu broker of its own
+DEFAULT_TOPIC = "framelabel.annotations"
+CLIENT_ID = "framelabel"
+
+CODEC_AVAILABLE = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
+
+
+class KafkaUnreachable(FramelabelError):
+    """No broker answered, or the cluster refused a client or a topic; the message names the address."""
+
+
+class KafkaConnection(StrictModel):
+    bootstrap_servers: Annotated[str, Field(min_length=1, description="host:port[,host:port…], or `embedded`")] = (
+        EMBEDDED
+    )
+    topic: Annotated[str, Field(min_length=1)] = DEFAULT_TOPIC
+    request_timeout_ms: Annotated[int, Field(gt=0)] = 30_000  # also how long aiokafka keeps retrying a batch
+    connect_timeout_ms: Annotated[int, Field(gt=0)] = 10_000  # bound on start-up: bootstrap and topic creation
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password_env: str = "KAFKA_SASL_PASSWORD"
+    # read from the variable `sasl_password_env` names when the config is loaded; never from a file
+    sasl_password: SecretStr | None = Field(None, exclude=True)
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl_needs_credentials(self) -> KafkaConnection:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_username, and the password in "
+                f"the environment variable {self.sasl_password_env}"
+            )
+        return self
+
+
+class KafkaSettings(KafkaConnection):
+    """Everything the publisher does, settable in the run config's `kafka:` section."""
+
+    partitions: Annotated[int, Field(ge=1, description="used only when the topic has to be created")] = 3
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    value_format: Literal["protobuf", "json"] = "protobuf"
+    acks: Literal["all", 1] = "all"
+    linger_ms: Annotated[int, Field(ge=0)] = 20
+    max_batch_bytes: Annotated[int, Field(gt=0, description="per partition")] = 1 * MiB
+    # the largest record; brokers default to ~1 MiB (message.max.bytes)
+    max_request_bytes: Annotated[int, Field(gt=0)] = 4 * MiB
+    compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    enable_idempotence: bool | None = Field(None, description="default: on, except for the embedded broker")
+    max_in_flight_records: Annotated[int, Field(ge=1, description="unsettled records before publishing waits")] = 1000
+    max_block_ms: (
+        Annotated[int, Field(gt=0, description="how long publishing waits for room; null: no limit")] | None
+    ) = None
+    delivery_timeout_ms: Annotated[int, Field(gt=0, description="from publish to acknowledged, re-sends included")] = (
+        300_000  # a broker outage this long loses nothing
+    )
+    delivery_retries: Annotated[int, Field(ge=0, description="a cap on re-sends of a record; null: none")] | None = None
+    retry_backoff_ms: Annotated[int, Field(gt=0, description="first wait before a re-send; doubles up to 10 s")] = 500
+
+    @model_validator(mode="after")
+    def _codec_installed(self) -> KafkaSettings:
+        if self.compression is not None and not CODEC_AVAILABLE[self.compression]():
+            raise ValueError(f"compression {self.compression!r} needs cramjam: pip install 'aiokafka[all]'")
+        return self
+
+    @property
+    def idempotent(self) -> bool:
+        return self.enable_idempotence if self.enable_idempotence is not None else self.bootstrap_servers != EMBEDDED
+
+
+def client_options(connection: KafkaConnection) -> dict[str, Any]:
+    """The connection options every aiokafka client of ours takes: producer, consumer, admin."""
+    password = connection.sasl_password
+    return {
+        "bootstrap_servers": connection.bootstrap_servers,
+        "client_id": CLIENT_ID,
+        "request_timeout_ms": connection.request_timeout_ms,
+        "security_protocol": connection.security_protocol,
+        "ssl_context": _ssl_context(connection),
+        "sasl_mechanism": connection.sasl_mechanism,
+        "sasl_plain_username": connection.sasl_username,
+        "sasl_plain_password": password.get_secret_value() if password else None,
+    }
+
+
+def _ssl_context(connection: KafkaConnection) -> ssl.SSLContext | None:
+    if not connection.security_protocol.endswith("SSL"):
+        return None
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=connection.ssl_cafile and str(connection.ssl_cafile),
+            certfile=connection.ssl_certfile and str(connection.ssl_certfile),
+            keyfile=connection.ssl_keyfile and str(connection.ssl_keyfile),
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"kafka TLS files cannot be loaded: {exc}") from exc
+    return context
+
+
+def unreachable(connection: KafkaConnection, exc: BaseException) -> KafkaUnreachable:
+    """Our error for a client that could not start: no answer, or a refusal."""
+    if isinstance(exc, KafkaConnectionError | OSError | TimeoutError):
+        reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+        return KafkaUnreachable(f"cannot reach Kafka at {connection.bootstrap_servers}: {reason}")
+    return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}")
+
+
+async def ensure_topic(settings: KafkaSettings) -> None:
+    """Create the topic unless it exists; listing first, since a metadata lookup of one topic may auto-create it."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    try:
+        await admin.start()
+        if settings.topic in await admin.list_topics():
+            return
+        response = await admin.create_topics(
+            [NewTopic(settings.topic, settings.partitions, settings.replication_factor)]
+        )
+        for topic, error_code, *message in response.topic_errors:  # v1+ responses add a message
+            error = for_code(error_code)
+            if error_code and error is not TopicAlreadyExistsError:
+                reason = message[0] if message and message[0] else error.__name__
+                raise KafkaUnreachable(f"cannot create topic {topic} at {settings.bootstrap_servers}: {reason}")
+        log.info("created topic %s with %d partitions", settings.topic, settings.partitions)
+    except KafkaError as exc:
+        raise unreachable(settings, exc) from exc
+    finally:
+        await admin.close()
