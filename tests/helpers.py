@@ -1,16 +1,20 @@
-"""Helpers for the tests: real photos, JPEG bytes, a real `framelabel serve` process."""
+"""Helpers for the tests: real photos, JPEG bytes, a real `framelabel serve` process, a liveness bound."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import simplejpeg
 from skimage import data
 
@@ -91,3 +95,19 @@ def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
+
+
+@contextlib.asynccontextmanager
+async def within(seconds: float, what: str) -> AsyncIterator[None]:
+    """Fail the test, naming `what`, if the block has not finished after `seconds`.
+
+    A liveness bound for something that must end (a hang), set well past what any machine needs: not a speed check.
+    """
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if deadline.expired():
+            pytest.fail(f"{what}: still waiting after {seconds:g} s")
+        raise

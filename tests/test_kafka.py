@@ -31,6 +31,7 @@ from pipeline.records import (
     record_json,
 )
 from services.api.image_classifier_pb2 import AnnotationResponse
+from tests.helpers import within
 from tests.kafka import (
     DEADLINE_S,
     Deliveries,
@@ -43,6 +44,10 @@ from tests.kafka import (
     read_topic,
     settings_for,
 )
+
+HANG_S = 30.0  # a liveness bound well past the timeouts at play (connect_timeout_ms is 10 s): only a hang takes longer
+CLOCK_RESOLUTION_S = 0.001  # float rounding between time.monotonic() readings and asyncio's timers
+MAX_BLOCK_MS = 300
 
 
 @pytest.fixture
@@ -192,12 +197,12 @@ async def test_consuming_a_missing_topic_says_so(broker: EmbeddedBroker) -> None
 
 async def test_unreachable_kafka_is_reported_with_its_address() -> None:
     address = f"127.0.0.1:{closed_port()}"
-    began = time.monotonic()
-    with pytest.raises(KafkaUnreachable, match=f"cannot reach Kafka at {address}"):
-        await Publisher(KafkaSettings(bootstrap_servers=address, enable_idempotence=False)).start()
-    with pytest.raises(ConsumeError, match=f"cannot reach Kafka at {address}"):
-        await anext(consume(connection(address, "any"), from_beginning=True))
-    assert time.monotonic() - began < 5.0
+    # Refused, so reported at once as refused: not after connect_timeout_ms as "no answer in time".
+    async with within(HANG_S, "reporting a refused connection"):
+        with pytest.raises(KafkaUnreachable, match=f"cannot reach Kafka at {address}: (?!no answer in time)"):
+            await Publisher(KafkaSettings(bootstrap_servers=address, enable_idempotence=False)).start()
+        with pytest.raises(ConsumeError, match=f"cannot reach Kafka at {address}: (?!no answer in time)"):
+            await anext(consume(connection(address, "any"), from_beginning=True))
 
 
 async def test_flush_returns_once_every_record_is_acknowledged(broker: EmbeddedBroker) -> None:
@@ -215,15 +220,17 @@ async def test_flush_returns_once_every_record_is_acknowledged(broker: EmbeddedB
 
 
 async def test_publish_waits_for_room_then_gives_up(broker: EmbeddedBroker) -> None:
-    settings = settings_for(broker, max_in_flight_records=4, max_block_ms=300)
+    settings = settings_for(broker, max_in_flight_records=4, max_block_ms=MAX_BLOCK_MS)
     async with started(Publisher(settings)) as publisher:
         with paused(broker):
             for index in range(4):
                 await publisher.publish(annotated_frame("cam-b", index))
             began = time.monotonic()
             with pytest.raises(PublishError, match="4 records still unacknowledged"):
-                await publisher.publish(annotated_frame("cam-b", 4))
-            assert 0.29 <= time.monotonic() - began < 2.0
+                async with within(HANG_S, "publish() giving up after max_block_ms"):
+                    await publisher.publish(annotated_frame("cam-b", 4))
+            # It waited all of max_block_ms for room first; how much longer it took is the machine's doing.
+            assert time.monotonic() - began >= MAX_BLOCK_MS / 1000 - CLOCK_RESOLUTION_S
         await publisher.flush()
         assert publisher.stats.published == 4
 
