@@ -1,7 +1,7 @@
 """`framelabel run`: build every stage from a `RunConfig`, run them, report, and say how it went.
 
 The one place where the stages are composed, each an async context manager
-entered in order (annotator, broker, publisher) and left in reverse. The stop
+entered in order (embedded broker, annotator, publisher) and left in reverse. The stop
 signals are handled from the start: a first SIGINT, SIGTERM or SIGHUP stops
 capturing and lets what is in flight finish (or, while still connecting, stops
 at once); a second gives up on what is unsettled, within `GIVE_UP_WITHIN_S`.
@@ -207,8 +207,8 @@ async def _run(
     signals: StopSignals,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        annotator = await stack.enter_async_context(build_annotator(config.annotator))
         settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
+        annotator = await stack.enter_async_context(build_annotator(config.annotator))
         publisher = await stack.enter_async_context(Publisher(settings, reports))
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
         signals.running(functools.partial(_stop, runner, publisher, settings))

@@ -146,6 +146,11 @@ class Publisher:
         if self._state != "new":
             raise PublishError("a publisher starts once")
         self._state = "running"
+        log.info(
+            "connecting to Kafka at %s (up to %g s)",
+            self.settings.bootstrap_servers,
+            self.settings.connect_timeout_ms / 1000,
+        )
         try:
             async with asyncio.timeout(self.settings.connect_timeout_ms / 1000):
                 if self._own_producer:
@@ -327,7 +332,10 @@ class Publisher:
             futures.append(future)
         results = await asyncio.gather(*futures, return_exceptions=True)
         errors: list[BaseException | None] = [r if isinstance(r, BaseException) else None for r in results]
-        return errors + [refused] * (len(batch) - len(futures))
+        if refused is None:
+            return errors
+        # the refused record carries its error; those after it were not handed over and wait their turn
+        return [*errors, refused] + [_NotHandedOver()] * (len(batch) - len(futures) - 1)
 
     def _settle(self, source_id: str, line: _SourceLine, outcomes: list[BaseException | None]) -> None:
         """Count the outcome of one batch; keep in `line.sending` what is to be sent again."""
@@ -361,6 +369,12 @@ class Publisher:
         log.error("%d records of %s lost (%s): %s", len(deliveries), source_id, frames, reason)
         if self._report is not None:
             self._report.lost([delivery.frame for delivery in deliveries], reason)
+
+
+class _NotHandedOver(KafkaError):
+    """Held back because an earlier record of its source was refused: sent again after it, not lost."""
+
+    retriable = True
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -48,7 +48,7 @@ def test_a_bad_run_config_is_one_clear_line(tmp_path: Path, config: str | None, 
 
 async def test_an_unreachable_annotate_service_is_one_clear_line_not_a_wait_forever(tmp_path: Path) -> None:
     async with kafka_broker() as broker:
-        annotator = {"kind": "grpc", "targets": ["127.0.0.1:1"], "retry_for_seconds": 2}
+        annotator = {"kind": "grpc", "targets": ["127.0.0.1:1"], "connect_timeout_seconds": 2}
         config = write_run_config(tmp_path, broker.address, [{"id": "bunny", "uri": str(BUNNY)}], annotator=annotator)
         result = run(str(config))
     assert result.returncode == 2
