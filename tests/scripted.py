@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
+from pipeline.annotators import AnnotatorLifetime
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse, ClassAnnotation, Label
 
 # (source id, frame index, attempt starting at 1) → the error that send's delivery fails with, or None
@@ -74,7 +74,7 @@ class ScriptedProducer:
 AnnotateOutcome = Callable[[int], BaseException | None]
 
 
-class ScriptedAnnotator:
+class ScriptedAnnotator(AnnotatorLifetime):
     """An `Annotator` that answers "cat" at 0.9, except where `outcome` makes a call fail.
 
     `index_of` tells which frame a request holds (tests paint the index into the pixels)."""
@@ -108,12 +108,3 @@ class ScriptedAnnotator:
 
     async def close(self) -> None:
         self.closed = True
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        await self.close()

@@ -86,8 +86,9 @@ async def test_a_stage_that_raises_ends_its_lane_naming_the_frame(folders: Calla
         assert report.error == (
             f"source {source_id} frame 3: internal error while annotating: RuntimeError('a bug in the annotator')"
         )
-        assert producer.stored[source_id] == list(range(len(producer.stored[source_id])))  # in order, no gap
-        assert len(producer.stored[source_id]) <= 3
+        stored = producer.stored.get(source_id, [])  # frames 0–2 may still be in flight when frame 3 fails
+        assert stored == list(range(len(stored)))  # in order, no gap
+        assert len(stored) <= 3
         assert report.resume_hint == "source error (see the log)"
 
 
@@ -118,7 +119,8 @@ async def test_an_unavailable_annotator_stops_a_replay_at_the_frame_to_resume_fr
             reports.by_source[source_id].error
             == f"source {source_id} frame 4: not annotated: x:1: UNAVAILABLE for 60 s"
         )
-        assert producer.stored[source_id] == list(range(len(producer.stored[source_id])))
+        stored = producer.stored.get(source_id, [])
+        assert stored == list(range(len(stored)))
 
 
 async def test_a_publisher_whose_delivery_died_ends_the_lane_instead_of_hanging(folders: Callable[[str], str]) -> None:
