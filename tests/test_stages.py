@@ -9,9 +9,9 @@ import pytest
 import simplejpeg
 
 from pipeline.config import load_run_config, parse_source_flag
-from pipeline.kafka import EMBEDDED
 from pipeline.encoder import EncoderSettings, encode
 from pipeline.frames import Frame, FrameInfo
+from pipeline.kafka import EMBEDDED
 from pipeline.sampler import Sampler, SamplingSettings
 from services.api.image_pb2 import Image
 from services.errors import ConfigError
