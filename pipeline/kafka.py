@@ -125,12 +125,12 @@ def _ssl_context(connection: KafkaConnection) -> ssl.SSLContext | None:
     return context
 
 
-def unreachable(connection: KafkaConnection, exc: BaseException) -> KafkaUnreachable:
-    """Our error for a client that could not start: no answer, or a refusal."""
+def unreachable(connection: KafkaConnection, exc: BaseException, hint: str = "") -> KafkaUnreachable:
+    """Our error for a client that could not start: no answer, or a refusal; `hint` says what may help."""
     if isinstance(exc, KafkaConnectionError | OSError | TimeoutError):
         reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
-        return KafkaUnreachable(f"cannot reach Kafka at {connection.bootstrap_servers}: {reason}")
-    return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}")
+        return KafkaUnreachable(f"cannot reach Kafka at {connection.bootstrap_servers}: {reason}{hint}")
+    return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}{hint}")
 
 
 async def ensure_topic(settings: KafkaSettings) -> None:

@@ -55,7 +55,11 @@ from services.errors import FramelabelError
 log = logging.getLogger("framelabel.publish")
 
 MAX_RETRY_BACKOFF_S = 10.0
-CLOSE_TIMEOUT_S = 3.0  # how long closing the producer may take once we have given up on its records
+CLOSE_TIMEOUT_S = 3.0
+IDEMPOTENCE_HINT = (
+    " (brokers without the idempotent producer, such as Tansu (`framelabel broker`), "
+    "need --no-idempotence or kafka.enable_idempotence: false)"
+)  # how long closing the producer may take once we have given up on its records
 
 
 class PublishError(FramelabelError):
@@ -161,13 +165,9 @@ class Publisher:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
             if isinstance(exc, KafkaError | OSError | TimeoutError):
-                error = unreachable(self.settings, exc)
-                if isinstance(exc, KafkaError) and self.settings.idempotent:
-                    error.args = (
-                        f"{error} (brokers without the idempotent producer, such as the embedded Tansu, "
-                        "need --no-idempotence or kafka.enable_idempotence: false)",
-                    )
-                raise error from exc
+                refused_idempotence = isinstance(exc, KafkaError) and self.settings.idempotent
+                hint = IDEMPOTENCE_HINT if refused_idempotence else ""
+                raise unreachable(self.settings, exc, hint) from exc
             raise
         log.info("publishing to Kafka topic %s at %s", self.settings.topic, self.settings.bootstrap_servers)
 
@@ -334,8 +334,10 @@ class Publisher:
         errors: list[BaseException | None] = [r if isinstance(r, BaseException) else None for r in results]
         if refused is None:
             return errors
-        # the refused record carries its error; those after it were not handed over and wait their turn
-        return [*errors, refused] + [_NotHandedOver()] * (len(batch) - len(futures) - 1)
+        # the refused record carries its error; those after it were not handed over: a retriable error
+        # makes them wait their turn behind it, not count as lost
+        held_back = KafkaTimeoutError("held back behind a record the producer refused")
+        return [*errors, refused] + [held_back] * (len(batch) - len(futures) - 1)
 
     def _settle(self, source_id: str, line: _SourceLine, outcomes: list[BaseException | None]) -> None:
         """Count the outcome of one batch; keep in `line.sending` what is to be sent again."""
@@ -369,12 +371,6 @@ class Publisher:
         log.error("%d records of %s lost (%s): %s", len(deliveries), source_id, frames, reason)
         if self._report is not None:
             self._report.lost([delivery.frame for delivery in deliveries], reason)
-
-
-class _NotHandedOver(KafkaError):
-    """Held back because an earlier record of its source was refused: sent again after it, not lost."""
-
-    retriable = True
 
 
 def _retryable(exc: BaseException) -> bool:
