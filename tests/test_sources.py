@@ -340,8 +340,7 @@ async def test_http_mjpeg_camera_keeps_only_the_newest_frame() -> None:
                 if len(taken) == 6:
                     break
                 # A slow stage: hold on to this frame until the camera has sent three more.
-                three_more = frame.info.index + 1 + 3
-                await eventually(lambda read=three_more: source.stats.read >= read, "three more frames from the camera")
+                await eventually(lambda: source.stats.read >= taken[-1].info.index + 1 + 3, "three more frames")
                 read_when_asked.append(source.stats.read)
         await source.close()
 
