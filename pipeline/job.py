@@ -39,7 +39,7 @@ from pipeline.publisher import Publisher, PublishError
 from pipeline.report import ProgressDisplay, RunReports, summary_table
 from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
-from services.classifier import load_classifier
+from services.classifier import build_classifier, classifier_config
 from services.errors import ConfigError
 from services.runtime import settle_heap
 
@@ -73,7 +73,8 @@ def build_annotator(config: AnnotatorConfig) -> Annotator:
             "min_confidence": config.min_confidence or 0.0,
             "specification_labels": config.specification_labels,
         }
-        load = functools.partial(load_classifier, config.classifier, config.classifiers_file, overrides=overrides)
+        declared = classifier_config(config.classifier, config.classifiers_file, overrides)  # a wrong name fails here
+        load = functools.partial(build_classifier, config.classifier, declared)
         return InProcessAnnotator(config.classifier, load, config.threads)
     try:
         root_certificates = config.ca_file.read_bytes() if config.ca_file else None
@@ -232,8 +233,8 @@ async def _run(
 
 def _stop(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:
     log.info(
-        "%s: stopping capture; finishing %d frames in flight and %d unacknowledged records (re-sent for up to %.0f s, "
-        "kafka.delivery_timeout_ms); %s again gives up on them",
+        "%s: stopping capture; finishing the frames in flight (%d) and the records Kafka has not acknowledged (%d; "
+        "re-sent for up to %.0f s, kafka.delivery_timeout_ms); %s again gives up on them",
         sig.name,
         runner.frames_in_flight,
         publisher.unsettled,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pipeline.annotators import Annotator
 from pipeline.encoder import EncoderSettings, encode
 from pipeline.frames import AnnotatedFrame, DeliveryPolicy, Frame
-from pipeline.publisher import Publisher
+from pipeline.publisher import Publisher, PublishError
 from pipeline.report import SourceReport
 from pipeline.sampler import Sampler, SamplingSettings
 from pipeline.sources import Source, SourceError
@@ -127,7 +127,11 @@ class Runner:
         while (pending := await in_order.get()) is not None:
             annotated = await pending
             if annotated is not None:
-                await self._publisher.publish(annotated)
+                try:
+                    await self._publisher.publish(annotated)
+                except PublishError:
+                    lane.report.lost += 1  # refused: it will never reach Kafka
+                    raise
             lane.report.handed_over += 1
 
     async def _annotate(self, lane: Lane, frame: Frame, encode_pool: ThreadPoolExecutor) -> AnnotatedFrame | None:

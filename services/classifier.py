@@ -172,6 +172,13 @@ def load_classifier(
     overrides: Mapping[str, object] | None = None,
 ) -> Classifier:
     """Build the classifier `name`, built in or declared in `catalog_file`, with optional field overrides."""
+    return build_classifier(name, classifier_config(name, catalog_file, overrides), limits)
+
+
+def classifier_config(
+    name: str, catalog_file: Path | None = None, overrides: Mapping[str, object] | None = None
+) -> ClassifierConfig:
+    """The declaration of classifier `name`, checked, without loading its model; ConfigError if there is none."""
     catalog = load_catalog(catalog_file)
     if name not in catalog.classifiers:
         known = ", ".join(sorted(catalog.classifiers))
@@ -180,4 +187,4 @@ def load_classifier(
     config = catalog.classifiers[name]
     if overrides:
         config = ClassifierConfig.model_validate(config.model_dump() | dict(overrides))
-    return build_classifier(name, config, limits)
+    return config

@@ -98,6 +98,7 @@ async def test_a_record_too_large_ends_its_lane_with_the_size_and_the_limit(fold
         error = reports.by_source[source_id].error or ""
         assert error.startswith(f"the record of {source_id} frame 0 is ")
         assert error.endswith("bytes, more than kafka.max_request_bytes 200")
+        assert reports.by_source[source_id].lost == 1  # the refused record is counted, not only logged
     assert producer.stored == {}
 
 

@@ -98,8 +98,6 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
 class GrpcAnnotator(AnnotatorLifetime):
     def __init__(self, settings: GrpcSettings) -> None:
         """No I/O: start() opens the channels."""
-        if not settings.targets:
-            raise ValueError("at least one gRPC target is needed")
         self.settings = settings
         self._channels: list[aio.Channel] = []
         self._stubs: itertools.cycle[tuple[str, ImageClassifierServiceStub]] | None = None
