@@ -19,7 +19,7 @@ from pipeline.kafka import KafkaSettings, KafkaUnreachable, client_options
 from pipeline.publisher import Publisher
 from services.classifier import Classifier
 from tests.faults import pipeline_run, write_run_config
-from tests.helpers import ServiceProcess
+from tests.helpers import ServiceProcess, within
 from tests.kafka import kafka_broker, read_topic
 from tests.test_run import BUNNY, frame_count
 from tests.test_security import API_KEY, Pki, pki, write_tls_config
@@ -91,8 +91,11 @@ async def test_tls_to_a_plaintext_broker_fails_fast_and_names_it(pki: Pki) -> No
             ssl_cafile=pki.ca,
             connect_timeout_ms=5000,
         )
+        # Fast: it gives up by connect_timeout_ms (a TLS handshake to a plaintext broker can wait for ever); the
+        # liveness bound is well past that, so only a hang fails it.
         with pytest.raises(KafkaUnreachable, match=f"Kafka at {broker.address}|cannot reach Kafka at {broker.address}"):
-            await Publisher(settings).start()
+            async with within(30, "start() over TLS to a plaintext broker"):
+                await Publisher(settings).start()
 
 
 def test_request_ids_are_uuid4_with_122_unbiased_random_bits(classifiers: dict[str, Classifier]) -> None:
@@ -102,5 +105,4 @@ def test_request_ids_are_uuid4_with_122_unbiased_random_bits(classifiers: dict[s
     assert {(i.version, i.variant) for i in ids} == {(4, uuid.RFC_4122)}
     bits = np.array([[(i.int >> shift) & 1 for shift in range(128)] for i in ids])
     random_bits = np.delete(bits, [76, 77, 78, 79, 62, 63], axis=1)  # the version (4 bits) and variant (2 bits)
-    assert random_bits.shape[1] == 122
     assert np.all(np.abs(random_bits.mean(axis=0) - 0.5) < 0.06)  # each bit a fair coin: ~7 sigma margin

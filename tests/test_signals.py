@@ -83,7 +83,8 @@ async def test_a_second_signal_gives_up_on_unacknowledged_records_naming_them(tm
                 run.process.send_signal(signal.SIGTERM)
                 await eventually(lambda: "SIGTERM again gives up" in run.log(), "the first signal's answer")
                 assert run.process.poll() is None  # still finishing, not lost
-                code = await run.end(signal.SIGTERM, wait_s=GIVE_UP_WITHIN_S + 2)  # +2: process exit and reading
+                # a liveness bound: the product's own deadline for giving up, plus the generous allowance to exit
+                code = await run.end(signal.SIGTERM, wait_s=GIVE_UP_WITHIN_S + PROMPT_EXIT_S)
     assert code == 1, run.log()
     assert "SIGTERM again: giving up on what is unsettled" in run.log()
     lost_lines = [line for line in run.stderr if "records of bunny lost (frames" in line]
