@@ -181,9 +181,11 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(
         calls = [stub.Annotate.future(request(big), timeout=60) for _ in range(8)]
         calls[0].add_done_callback(lambda _: first_done.set())
         assert first_done.wait(60)  # the server is working through the queue: the rest are in flight
+        in_flight = [call for call in calls if not call.done()]
         service.process.send_signal(signal.SIGTERM)
         results = [call.result() for call in calls]
-    assert all(result.annotations for result in results)
+    assert in_flight  # calls were still in flight when the signal came …
+    assert all(result.annotations for result in results)  # … and each was answered
     assert service.stop() == 0
     assert any("stopped" in line for line in service.log)
 

@@ -73,7 +73,8 @@ def test_encoder_downscales_to_max_side_and_keeps_colours() -> None:
 
 
 def test_encoder_leaves_small_frames_and_full_resolution_alone() -> None:
-    assert (encode(frame(320, 240), EncoderSettings()).width, 320)[0] == 320
+    small = encode(frame(320, 240), EncoderSettings())
+    assert (small.width, small.height) == (320, 240)
     full = encode(frame(1280, 720), EncoderSettings(max_side=None))
     assert (full.width, full.height) == (1280, 720)
 
