@@ -41,11 +41,10 @@ from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
 from services.classifier import build_classifier, classifier_config
 from services.errors import ConfigError
-from services.runtime import settle_heap
+from services.runtime import STOP_SIGNALS, settle_heap
 
 log = logging.getLogger("framelabel.run")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GIVE_UP_WITHIN_S = 5.0
 
 

@@ -297,7 +297,7 @@ class Publisher:
             if not line.sending:
                 attempts.succeeded()
                 continue
-            delay = attempts.failed() or 0.0  # the re-send policy has no deadline: each record has its own
+            delay = attempts.failed()  # the re-send policy has no deadline: each record has its own
             error = next(error for error in outcomes if error is not None)
             log.warning(
                 "%d records of %s not acknowledged (%s); re-sending from frame %d in %.1f s, for up to %.0f s more "

@@ -39,24 +39,25 @@ class Attempts:
         self.policy = policy
         self.failures = 0
         self._first_failure_at: float | None = None
+        self.expired = False  # the next attempt would come after the deadline: time to give up
 
-    def failed(self) -> float | None:
-        """Count a failure; the delay before the next attempt, or None when the deadline would be passed."""
+    def failed(self) -> float:
+        """Count a failure; the delay before the next attempt (and whether it would pass the deadline, `expired`)."""
         now = time.monotonic()
         if self._first_failure_at is None:
             self._first_failure_at = now
         self.failures += 1
         delay = self.policy.delay(self.failures)
         deadline = self.policy.deadline_s
-        if deadline is not None and now + delay - self._first_failure_at > deadline:
-            return None
+        self.expired = deadline is not None and now + delay - self._first_failure_at > deadline
         return delay
 
     def succeeded(self) -> None:
         self.failures = 0
         self._first_failure_at = None
+        self.expired = False
 
     @property
-    def gave_up_after_s(self) -> float:
+    def failing_for_s(self) -> float:
         """Seconds since the first failure of this run (0 before any)."""
         return 0.0 if self._first_failure_at is None else time.monotonic() - self._first_failure_at

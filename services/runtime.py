@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gc
+import signal
 
 # Per-frame objects (protobuf messages, futures, arrays) are freed by reference counting; the cyclic
 # collector only has to find the rare cycle, so it can run far less often than every 700 allocations.
 GC_THRESHOLDS = (10_000, 20, 20)
+
+# What stops `serve` and `run` gracefully; SIGHUP too, since a closed SSH session sends it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def settle_heap() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Self
@@ -30,7 +29,7 @@ from services.classifier import Classifier
 from services.config import ServiceConfig
 from services.errors import ConfigError, InvalidImageError
 from services.net import probe_bind
-from services.runtime import settle_heap
+from services.runtime import STOP_SIGNALS, settle_heap
 
 log = logging.getLogger("framelabel.serve")
 
@@ -166,9 +165,6 @@ class AnnotateServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 async def serve(config: ServiceConfig, load: Callable[[], Classifier]) -> None:

@@ -158,9 +158,9 @@ class GrpcAnnotator(AnnotatorLifetime):
                         raise InvalidImageError(exc.details() or "invalid argument") from None
                     if code not in RETRYABLE:
                         raise AnnotatorError(f"{target}: {code.name}: {exc.details()}", code.name) from None
-                    delay = attempts.failed() if patient else None
-                    if delay is None:
-                        waited = f" for {attempts.gave_up_after_s:.0f} s" if patient else ""
+                    delay = attempts.failed()
+                    if not patient or attempts.expired:
+                        waited = f" for {attempts.failing_for_s:.0f} s" if patient else ""
                         raise AnnotatorUnavailable(
                             f"{target}: {code.name}{waited}: {exc.details()}", code.name
                         ) from None

@@ -123,7 +123,7 @@ class CameraSource(ThreadedSource):
                 return
             if streamed:
                 attempts.succeeded()
-            delay = attempts.failed() or 0.0  # the policy has no deadline
+            delay = attempts.failed()  # the policy has no deadline
             self._reconnecting(cause, delay)
             if handoff.wait_until_stopped(delay):
                 return
