@@ -103,7 +103,10 @@ async def kafka_bootstrap(settings: KafkaSettings, console: Console) -> AsyncIte
         return
     async with EmbeddedBroker() as broker:
         console.print(f"embedded Kafka broker (Tansu) on {broker.address}; it stops with this run")
-        yield settings.model_copy(update={"bootstrap_servers": broker.address, "enable_idempotence": False})
+        # `idempotent` is decided on the settings as written: off for `embedded` unless asked for
+        yield settings.model_copy(
+            update={"bootstrap_servers": broker.address, "enable_idempotence": settings.idempotent}
+        )
 
 
 class StopSignals:
