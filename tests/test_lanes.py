@@ -24,6 +24,7 @@ from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings, open_source
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.errors import AnnotatorUnavailable, InvalidImageError
+from tests.helpers import within
 from tests.scripted import AnnotateOutcome, ScriptedAnnotator, ScriptedProducer
 
 FRAMES = 6
@@ -63,7 +64,11 @@ async def run_lanes(
     producer = producer or ScriptedProducer()
     settings = KafkaSettings.model_validate({"bootstrap_servers": "unused:9092"} | kafka)
     annotator = ScriptedAnnotator(frame_index, outcome)
-    async with asyncio.timeout(HANG_GUARD_S), annotator, Publisher(settings, reports, producer=producer) as publisher:
+    async with (
+        within(HANG_GUARD_S, "the lanes"),
+        annotator,
+        Publisher(settings, reports, producer=producer) as publisher,
+    ):
         await Runner(lanes, annotator, publisher).run()
         with contextlib.suppress(PublishError):  # records lost: the reports count them
             await publisher.flush()

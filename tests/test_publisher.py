@@ -1,6 +1,6 @@
 """The publisher's ordering, re-sends and supervision, with a producer that fails chosen calls: no broker.
 
-Each test bounds its waits with `asyncio.timeout`, so a hang fails the test instead of stalling the suite.
+Each test bounds its waits with `within()`, so a hang fails the test, naming it, instead of stalling the suite.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
 from pipeline.kafka import KafkaSettings
 from pipeline.publisher import Publisher, PublishError
+from tests.helpers import within
 from tests.kafka import Deliveries, annotated_frame
 from tests.scripted import ScriptedProducer
 
@@ -40,7 +41,7 @@ async def test_re_sent_records_keep_frame_order_and_are_stored_once() -> None:
         lambda source, index, attempt: KafkaTimeoutError() if attempt <= failing.get((source, index), 0) else None
     )
     deliveries = Deliveries()
-    async with asyncio.timeout(HANG_GUARD_S), Publisher(settings(), deliveries, producer=producer) as publisher:
+    async with within(HANG_GUARD_S, "the publisher"), Publisher(settings(), deliveries, producer=producer) as publisher:
         await publish_all(publisher, {"cam-a": 10, "cam-b": 10})
         await publisher.flush()
     assert producer.stored == {"cam-a": list(range(10)), "cam-b": list(range(10))}
@@ -59,7 +60,7 @@ async def test_a_record_that_cannot_be_delivered_is_lost_loudly_and_the_next_one
     )
     deliveries = Deliveries()
     with caplog.at_level(logging.ERROR, logger="framelabel.publish"):
-        async with asyncio.timeout(HANG_GUARD_S):
+        async with within(HANG_GUARD_S, "the publisher"):
             publisher = Publisher(settings(), deliveries, producer=producer)
             await publisher.start()
             for index in range(5):
@@ -79,7 +80,7 @@ async def test_a_record_that_cannot_be_delivered_is_lost_loudly_and_the_next_one
 async def test_re_sends_stop_at_the_delivery_deadline() -> None:
     producer = ScriptedProducer(lambda source, index, attempt: KafkaTimeoutError())
     deliveries = Deliveries()
-    async with asyncio.timeout(HANG_GUARD_S):
+    async with within(HANG_GUARD_S, "the publisher"):
         publisher = Publisher(settings(delivery_timeout_ms=50), deliveries, producer=producer)
         await publisher.start()
         await publisher.publish(annotated_frame("cam", 0))
@@ -95,7 +96,7 @@ async def test_a_record_over_max_request_bytes_is_refused_with_its_size_and_the_
     big = annotated_frame("cam", 7, description="x" * 70_000)
     producer = ScriptedProducer()
     async with (
-        asyncio.timeout(HANG_GUARD_S),
+        within(HANG_GUARD_S, "the publisher"),
         Publisher(settings(max_request_bytes=65536), producer=producer) as publisher,
     ):
         with pytest.raises(
@@ -116,7 +117,7 @@ async def test_a_delivery_task_that_dies_settles_its_records_and_fails_the_next_
 
     producer = BrokenProducer()
     deliveries = Deliveries()
-    async with asyncio.timeout(HANG_GUARD_S):
+    async with within(HANG_GUARD_S, "the publisher"):
         publisher = Publisher(settings(), deliveries, producer=producer)
         await publisher.start()
         for index in range(3):
@@ -137,7 +138,7 @@ async def test_abandon_gives_up_on_what_is_unsettled_with_one_line_per_source(
 ) -> None:
     producer = ScriptedProducer(hold=True)  # a broker that never answers
     deliveries = Deliveries()
-    async with asyncio.timeout(HANG_GUARD_S):
+    async with within(HANG_GUARD_S, "the publisher"):
         publisher = Publisher(settings(), deliveries, producer=producer)
         await publisher.start()
         await publish_all(publisher, {"cam-a": 4, "cam-b": 2})
@@ -155,7 +156,7 @@ async def test_abandon_gives_up_on_what_is_unsettled_with_one_line_per_source(
 
 async def test_publish_waits_for_room_and_max_block_ms_bounds_the_wait() -> None:
     producer = ScriptedProducer(hold=True)
-    async with asyncio.timeout(HANG_GUARD_S):
+    async with within(HANG_GUARD_S, "the publisher"):
         publisher = Publisher(settings(max_in_flight_records=2, max_block_ms=20), producer=producer)
         await publisher.start()
         await publisher.publish(annotated_frame("cam", 0))
@@ -174,7 +175,7 @@ async def test_a_record_the_producer_refuses_at_send_holds_back_the_later_ones_w
             return await super().send(topic, value, **record)
 
     producer = RefusingOnce()
-    async with asyncio.timeout(HANG_GUARD_S), Publisher(settings(), producer=producer) as publisher:
+    async with within(HANG_GUARD_S, "the publisher"), Publisher(settings(), producer=producer) as publisher:
         for index in range(5):
             await publisher.publish(annotated_frame("cam", index))
         await publisher.flush()
