@@ -75,7 +75,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_service_config(
         args.config,
-        {"classifier": args.classifier, "host": args.host, "port": args.port, "classifiers_file": args.classifiers},
+        {
+            "classifier": args.classifier,
+            "host": args.host,
+            "port": args.port,
+            "classifiers_file": args.classifiers,
+            "metrics_port": args.metrics_port,
+            "metrics_host": args.metrics_host,
+        },
     )
     overrides = {"top_k": args.top_k} if args.top_k else None
     limits = ImageLimits(config.max_image_bytes, config.max_pixels)
@@ -150,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
         "bootstrap": args.bootstrap,
         "topic": args.topic,
         "no_idempotence": args.no_idempotence,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
     }
     config = load_run_config(args.config, flags)
     # a wide summary table even when stdout is a pipe or a file
@@ -186,6 +195,15 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_metrics_flags(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--metrics-port", type=int, metavar="PORT", help=f"serve {what} on this HTTP port")
+    command.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address of the metrics port (default: 127.0.0.1; elsewhere the page needs FRAMELABEL_HTTP_TOKEN)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framelabel", description=__doc__)
     parser.add_argument(
@@ -203,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
     serve.add_argument("--top-k", type=int, help="answer with the N most confident labels only")
+    _add_metrics_flags(serve, "/metrics, /healthz and /readyz")
     serve.set_defaults(handler=_serve)
 
     annotate = commands.add_parser("annotate", help="annotate image files and print each response as JSON")
@@ -235,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="turn the idempotent producer off, for brokers without it such as Tansu (`framelabel broker`)",
     )
+    _add_metrics_flags(run, "/metrics, /healthz, /readyz, the live view at / and /api/sources")
     run.set_defaults(handler=_run)
 
     consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")

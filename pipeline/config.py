@@ -19,7 +19,7 @@ from pipeline.encoder import EncoderSettings
 from pipeline.kafka import KafkaSettings
 from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings
-from services.config import StrictModel, read_yaml, resolve_paths, validate
+from services.config import MonitoringSettings, StrictModel, apply_metrics_flags, read_yaml, resolve_paths, validate
 from services.errors import ConfigError
 
 
@@ -72,6 +72,7 @@ class RunConfig(StrictModel):
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     annotator: AnnotatorConfig = AnnotatorConfig()
     kafka: KafkaSettings = KafkaSettings()
+    metrics: MonitoringSettings = MonitoringSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
 
     @model_validator(mode="after")
@@ -95,7 +96,7 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     """The config file (or the demo defaults) with flags on top.
 
     flags: `sources` (list of ID=URI, replacing the file's sources), `classifier`
-    (in-process), `targets` (gRPC), `tls`, and the Kafka flags of `kafka_section`.
+    (in-process), `targets` (gRPC), `tls`, `metrics_port`, `metrics_host`, and the Kafka flags of `kafka_section`.
     """
     data = read_yaml(path) if path else {}
     base = path.parent if path else Path.cwd()
@@ -118,6 +119,7 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         annotator["tls"] = True
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
+    apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
     return validate(RunConfig, data, str(path or "run defaults"))
 
 

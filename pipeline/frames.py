@@ -28,6 +28,7 @@ class FrameInfo:
     capture_time_ms: int  # wall clock, ms since the epoch: the Kafka record's timestamp
     captured_at: float  # time.monotonic() at capture, for capture→published latency
     media_position_ms: float | None = None  # position in a video file; None for cameras and images
+    decode_seconds: float = 0.0  # the reader thread's CPU time for this frame (waiting on a camera not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +51,4 @@ class AnnotatedFrame:
     response: AnnotationResponse
     width: int
     height: int
+    jpeg: bytes = b""  # the image that was annotated, for the live view (shared with the request, not a copy)

@@ -83,7 +83,8 @@ class Producer(Protocol):
 class DeliveryReport(Protocol):
     """Who is told what became of each record."""
 
-    def published(self, frame: AnnotatedFrame) -> None: ...
+    def published(self, frame: AnnotatedFrame, acked_in_s: float) -> None:
+        """Kafka acknowledged the frame's record, `acked_in_s` after it was handed to the publisher."""
 
     def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None: ...
 
@@ -99,6 +100,7 @@ class PublishStats:
 class _Delivery:
     frame: AnnotatedFrame
     record: KafkaRecord
+    queued_at: float  # time.monotonic() when it was handed to the publisher
     give_up_at: float  # time.monotonic() past which a failure is final
     attempts: int = 0  # times handed to the producer
 
@@ -193,9 +195,9 @@ class Publisher:
                 f"the record of {info.source_id} frame {info.index} is {size} bytes, more than "
                 f"kafka.max_request_bytes {self.settings.max_request_bytes}"
             )
-        give_up_at = time.monotonic() + self.settings.delivery_timeout_ms / 1000
+        now = time.monotonic()
         await self._take_slot()
-        line.waiting.append(_Delivery(frame, record, give_up_at))
+        line.waiting.append(_Delivery(frame, record, now, now + self.settings.delivery_timeout_ms / 1000))
         line.wake.set()
 
     async def flush(self) -> None:
@@ -350,7 +352,7 @@ class Publisher:
                 self.stats.published += 1
                 self._free_slots(1)
                 if self._report is not None:
-                    self._report.published(delivery.frame)
+                    self._report.published(delivery.frame, now - delivery.queued_at)
             elif _retryable(error) and now < delivery.give_up_at and (retries is None or delivery.attempts <= retries):
                 self.stats.retried += 1
                 again.append(delivery)

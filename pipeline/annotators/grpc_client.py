@@ -20,6 +20,8 @@ import asyncio
 import itertools
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,6 +39,8 @@ log = logging.getLogger("framelabel.annotate")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 5000
+
+CallObserver = Callable[[str, float], None]  # each call's status code name and its duration in seconds
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,10 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
 
 
 class GrpcAnnotator(AnnotatorLifetime):
-    def __init__(self, settings: GrpcSettings) -> None:
-        """No I/O: start() opens the channels."""
+    def __init__(self, settings: GrpcSettings, on_call: CallObserver | None = None) -> None:
+        """No I/O: start() opens the channels. `on_call` sees every call, retries included (the metrics)."""
         self.settings = settings
+        self._on_call = on_call
         self._channels: list[aio.Channel] = []
         self._stubs: itertools.cycle[tuple[str, ImageClassifierServiceStub]] | None = None
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
@@ -147,13 +152,16 @@ class GrpcAnnotator(AnnotatorLifetime):
         async with self._in_flight:
             while True:
                 target, stub = next(self._stubs)
+                started = time.monotonic()
                 try:
                     response: AnnotationResponse = await stub.Annotate(
                         request, timeout=self.settings.deadline_seconds, metadata=self._metadata
                     )
+                    self._observe("OK", started)
                     return response
                 except aio.AioRpcError as exc:
                     code = exc.code()
+                    self._observe(code.name, started)
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise InvalidImageError(exc.details() or "invalid argument") from None
                     if code not in RETRYABLE:
@@ -165,6 +173,10 @@ class GrpcAnnotator(AnnotatorLifetime):
                             f"{target}: {code.name}{waited}: {exc.details()}", code.name
                         ) from None
                 await asyncio.sleep(delay)
+
+    def _observe(self, code: str, started: float) -> None:
+        if self._on_call is not None:
+            self._on_call(code, time.monotonic() - started)
 
     async def close(self) -> None:
         self._stubs = None

@@ -28,6 +28,7 @@ class SourceStats:
     dropped: int = 0  # LIVE only: frames overwritten before anyone took them (freshness policy)
     errors: int = 0  # corrupt frames / undecodable images skipped, failed opens
     reconnects: int = 0  # LIVE only
+    streaming: bool = False  # frames are coming: set by each frame, cleared when a camera reconnects
     last_error: str | None = None
 
 

@@ -143,6 +143,8 @@ class CameraSource(ThreadedSource):
                 if not ok:
                     return "the stream ended or a read failed", streamed
                 if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
+                    if not streamed and self.stats.reconnects:
+                        log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
                     streamed = True
                     handoff.put(self._new_frame(pixels))
             return "closed", streamed
@@ -176,6 +178,7 @@ class CameraSource(ThreadedSource):
                 self._start_reader(handoff)
 
     def _reconnecting(self, cause: str, delay: float) -> None:
+        self.stats.streaming = False
         self.stats.reconnects += 1
         self.stats.last_error = cause
         log.warning("camera %s (%s): %s; reconnecting in %.1f s", self.source_id, self.display_uri, cause, delay)
