@@ -62,9 +62,10 @@ class MonitoringServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> Self:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # a page's open event stream must not hold the process's exit up for long
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         try:
             await site.start()
         except OSError as exc:
@@ -90,9 +91,9 @@ class MonitoringServer:
             return await handler(request)
         if self._accepts(request.query.get("token", "")):  # a link with the token: keep it in a cookie, not the URL
             rest = {key: value for key, value in request.query.items() if key != "token"}
-            response = web.HTTPSeeOther(request.rel_url.with_query(rest))
-            response.set_cookie(TOKEN_COOKIE, request.query["token"], httponly=True, samesite="Strict")
-            return response
+            redirect = web.HTTPSeeOther(request.rel_url.with_query(rest))
+            redirect.set_cookie(TOKEN_COOKIE, request.query["token"], httponly=True, samesite="Strict")
+            raise redirect
         return web.Response(
             status=401,
             text=f"a token is needed: `Authorization: Bearer <token>`, or open {request.path}?token=<token> once\n",

@@ -46,7 +46,7 @@ function show(status) {
   root.querySelector(".badge").textContent = status.state === "reconnecting" ? "offline" : status.state;
   root.querySelector(".fps").textContent = status.fps.toFixed(1);
   const { p50, p95 } = status.latency_ms;
-  root.querySelector(".latency").textContent = p50 === null ? "–" : `${p50.toFixed(0)}/${p95.toFixed(0)} ms`;
+  root.querySelector(".latency").textContent = p50 === null ? "–" : `${p50.toFixed(0)}/${p95.toFixed(0)}`;
   root.querySelector(".published").textContent = status.published;
   root.querySelector(".dropped").textContent = status.dropped + status.failed + status.lost;
   root.querySelector(".error").textContent = OFFLINE.has(status.state) ? status.last_error || "" : "";
