@@ -37,7 +37,7 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        for code in ("OK", "INVALID_ARGUMENT", "INTERNAL"):  # the codes Annotate answers with, from zero
+        for code in ("OK", "INVALID_ARGUMENT", "INTERNAL", "UNAUTHENTICATED"):  # what Annotate answers, from zero
             self._requests.labels(code)
 
     @asynccontextmanager
@@ -52,6 +52,10 @@ class ServiceMetrics:
             self._in_flight.dec()
             self._seconds.observe(time.monotonic() - started)
             self._requests.labels(outcome.code).inc()
+
+    def denied(self) -> None:
+        """A request refused for its credentials, before it reached Annotate."""
+        self._requests.labels("UNAUTHENTICATED").inc()
 
     def batch(self, size: int) -> None:
         self._batch_size.observe(size)

@@ -110,7 +110,7 @@ class AnnotateServer:
         self.serving = False
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
         self._server = aio.server(
-            interceptors=[AuthInterceptor(credentials)] if self.auth_enabled else [],
+            interceptors=[AuthInterceptor(credentials, metrics.denied)] if self.auth_enabled else [],
             maximum_concurrent_rpcs=config.max_concurrent_requests,
             options=[
                 ("grpc.max_receive_message_length", config.message_limit),
