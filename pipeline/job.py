@@ -33,12 +33,11 @@ from pipeline.annotators.grpc_client import CallObserver, GrpcAnnotator, GrpcSet
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import AnnotatorConfig, RunConfig
-from pipeline.frames import DeliveryPolicy
 from pipeline.kafka import EMBEDDED, KafkaSettings
 from pipeline.live_view import LiveView
 from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import Publisher, PublishError
-from pipeline.report import ProgressDisplay, RunReports, summary_table
+from pipeline.report import ProgressDisplay, RunReports, summary
 from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
 from services.classifier import build_classifier, classifier_config
@@ -184,13 +183,12 @@ def exit_status(reports: RunReports, gave_up: bool) -> ExitStatus:
 async def run_job(config: RunConfig, console: Console) -> int:
     """Run until the sources end or a signal stops the run; the exit status. Start-up failures raise."""
     sources = [open_source(c.id, c.uri, c) for c in config.sources]
+    metrics = PipelineMetrics()
+    reports = RunReports(sources, metrics)
+    metrics.watch(reports)
     progress = ProgressDisplay()
     for source in sources:
-        if source.policy is DeliveryPolicy.REPLAY:
-            progress.add(source.source_id, source.total_frames)
-    metrics = PipelineMetrics()
-    reports = RunReports(sources, progress, metrics)
-    metrics.watch(reports)
+        progress.add(reports.by_source[source.source_id], source.total_frames)
     lanes = [
         Lane(source=source, sampling=c, encoding=c, report=reports.by_source[source.source_id])
         for source, c in zip(sources, config.sources, strict=True)
@@ -205,7 +203,7 @@ async def run_job(config: RunConfig, console: Console) -> int:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # a task runs this
             if not reports.started:
                 return ExitStatus.OK  # stopped while connecting: nothing was captured
-        console.print(summary_table(reports, time.monotonic() - started_at))
+        console.print(summary(reports, time.monotonic() - started_at, console.width))
     return exit_status(reports, signals.gave_up)
 
 

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.console import Console, Group, RenderableType
+from rich.progress import Progress, ProgressColumn, Task, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.frames import AnnotatedFrame, DeliveryPolicy, FrameInfo
 from pipeline.sources import Source, SourceStats
@@ -134,32 +136,25 @@ class SourceReport:
 
 
 class ProgressDisplay:
-    """Frames published / expected and fps per replay source, redrawn on stderr when it is a terminal."""
+    """Every source's progress, redrawn on stderr ten times a second when it is a terminal.
+
+    A replay shows a bar of frames published out of those expected; a live source its state,
+    fps, capture→published latency, drops and reconnects. The columns read the reports as they
+    draw, so a camera that goes away shows as reconnecting without any frame arriving."""
 
     def __init__(self, console: Console | None = None) -> None:
         console = console or Console(stderr=True)
         self._progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[fps]:>6.1f} fps"),
-            TimeElapsedColumn(),
+            _ReplayBar(),
+            _SourceStatus(),
             console=console,
             disable=not console.is_terminal,
             transient=True,
         )
-        self._tasks: dict[str, tuple[TaskID, float]] = {}
 
-    def add(self, source_id: str, total: int | None) -> None:
-        task = self._progress.add_task(source_id, total=total, fps=0.0)
-        self._tasks[source_id] = (task, time.monotonic())
-
-    def update(self, report: SourceReport) -> None:
-        if report.source_id not in self._tasks:
-            return
-        task, started = self._tasks[report.source_id]
-        fps = report.published / max(time.monotonic() - started, 1e-6)
-        self._progress.update(task, completed=report.published, fps=fps)
+    def add(self, report: SourceReport, total: int | None) -> None:
+        self._progress.add_task(report.source_id, total=total, report=report, started=time.monotonic())
 
     def __enter__(self) -> ProgressDisplay:
         self._progress.start()
@@ -169,18 +164,40 @@ class ProgressDisplay:
         self._progress.stop()
 
 
+class _ReplayBar(ProgressColumn):
+    """Frames published out of those expected; nothing for a live source, which has no end."""
+
+    def render(self, task: Task) -> RenderableType:
+        report: SourceReport = task.fields["report"]
+        if report.policy is DeliveryPolicy.LIVE:
+            return Text("")
+        return ProgressBar(total=task.total, completed=report.published, width=20)
+
+
+class _SourceStatus(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        report: SourceReport = task.fields["report"]
+        p50 = report.latency_percentile(50)
+        latency = "-" if p50 is None else f"{p50:.0f} ms"
+        if report.policy is DeliveryPolicy.REPLAY:
+            total = "?" if task.total is None else f"{task.total:.0f}"
+            return Text(f"{report.published}/{total} {report.fps():6.1f} fps  p50 {latency}")
+        stats = report.source_stats
+        return Text(
+            f"{report.state.value:<12} {report.fps():5.1f} fps  p50 {latency}  drops {report.dropped}  "
+            f"reconnects {stats.reconnects}"
+        )
+
+
 class RunReports:
     """Every source's report, updated as Kafka acknowledges records (a publisher's `DeliveryReport`)."""
 
-    def __init__(
-        self, sources: list[Source], progress: ProgressDisplay | None = None, observer: Observer | None = None
-    ) -> None:
+    def __init__(self, sources: list[Source], observer: Observer | None = None) -> None:
         observer = observer or _Unobserved()
         self.by_source = {
             source.source_id: SourceReport(source.source_id, source.stats, source.policy, observer)
             for source in sources
         }
-        self._progress = progress
         self.started = False  # the stages are up and the sources capturing
         self.first_captured_at: float | None = None  # time.monotonic() of the earliest frame published
         self.last_published_at: float | None = None
@@ -197,8 +214,6 @@ class RunReports:
         if self.first_captured_at is None or captured_at < self.first_captured_at:
             self.first_captured_at = captured_at
         self.last_published_at = time.monotonic()
-        if self._progress is not None:
-            self._progress.update(report)
 
     def title(self, elapsed_s: float) -> str:
         """Throughput over the processing itself: first capture to last acknowledgement."""
@@ -212,39 +227,65 @@ class RunReports:
         )
 
 
-def summary_table(reports: RunReports, elapsed_s: float) -> Table:
-    table = Table(title=reports.title(elapsed_s), title_justify="left")
-    columns = (
-        "source",
-        "read",
-        "sampled",
-        "annotated",
-        "published",
-        "dropped",
-        "failed",
-        "lost",
-        "reconnects",
-        "p50_ms",
-        "p95_ms",
-        "last_published",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("source", "last_published") else "right")
-    for report in reports.by_source.values():
-        stats = report.source_stats
-        p50, p95 = report.latency_percentile(50), report.latency_percentile(95)
-        table.add_row(
-            report.source_id,
-            str(stats.read),
-            str(report.sampled),
-            str(report.annotated),
-            str(report.published),
-            str(report.dropped),
-            str(report.failed),
-            str(report.lost),
-            str(stats.reconnects),
-            "-" if p50 is None else f"{p50:.0f}",
-            "-" if p95 is None else f"{p95:.0f}",
-            report.resume_hint,
+SUMMARY_COLUMNS = (
+    "source",
+    "read",
+    "sampled",
+    "annotated",
+    "published",
+    "dropped",
+    "failed",
+    "lost",
+    "reconnects",
+    "p50_ms",
+    "p95_ms",
+    "last_published",
+)
+WIDE_SUMMARY = 130  # columns the table needs before it starts to squeeze its headers
+
+
+def summary(reports: RunReports, elapsed_s: float, width: int) -> RenderableType:
+    """The table at the end of a run; on a narrow terminal one block per source, the resume point whole."""
+    rows = [_summary_row(report) for report in reports.by_source.values()]
+    title = reports.title(elapsed_s)
+    if width >= WIDE_SUMMARY:
+        table = Table(title=title, title_justify="left")
+        for column in SUMMARY_COLUMNS:
+            table.add_column(column, justify="left" if column in ("source", "last_published") else "right")
+        for row in rows:
+            table.add_row(*row)
+        return table
+    lines = [Text(title)]
+    for row in rows:
+        values = dict(zip(SUMMARY_COLUMNS, row, strict=True))
+        frames, losses = (
+            "  ".join(f"{column} {values[column]}" for column in columns)
+            for columns in (SUMMARY_COLUMNS[1:5], SUMMARY_COLUMNS[5:9])
         )
-    return table
+        lines += [
+            Text(values["source"], style="bold"),
+            Text(f"  {frames}"),
+            Text(f"  {losses}"),
+            Text(f"  latency p50 {values['p50_ms']} ms, p95 {values['p95_ms']} ms"),
+            Text(f"  last published: {values['last_published']}", no_wrap=True, overflow="ignore"),
+        ]
+    return Group(*lines)
+
+
+def _summary_row(report: SourceReport) -> tuple[str, ...]:
+    stats = report.source_stats
+    p50, p95 = report.latency_percentile(50), report.latency_percentile(95)
+    return (
+        report.source_id,
+        str(stats.read),
+        str(report.sampled),
+        str(report.annotated),
+        str(report.published),
+        str(report.dropped),
+        str(report.failed),
+        str(report.lost),
+        str(stats.reconnects),
+        "-" if p50 is None else f"{p50:.0f}",
+        "-" if p95 is None else f"{p95:.0f}",
+        report.resume_hint,
+    )
