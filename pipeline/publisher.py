@@ -49,7 +49,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pipeline.frames import AnnotatedFrame
 from pipeline.kafka import KafkaSettings, client_options, ensure_topic, unreachable
 from pipeline.records import KafkaRecord, encode_record
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.errors import FramelabelError
 
 log = logging.getLogger("framelabel.publish")
@@ -152,13 +152,13 @@ class Publisher:
         if self._state != "new":
             raise PublishError("a publisher starts once")
         self._state = "running"
-        log.info(
-            "connecting to Kafka at %s (up to %g s)",
-            self.settings.bootstrap_servers,
-            self.settings.connect_timeout_ms / 1000,
-        )
+        log.info("connecting to Kafka at %s", self.settings.bootstrap_servers)
+        within_s = self.settings.connect_timeout_ms / 1000
         try:
-            async with asyncio.timeout(self.settings.connect_timeout_ms / 1000):
+            async with (
+                saying_while_waiting(log, f"Kafka at {self.settings.bootstrap_servers}", within_s),
+                asyncio.timeout(within_s),
+            ):
                 if self._own_producer:
                     await ensure_topic(self.settings)
                 await self._producer.start()

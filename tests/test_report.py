@@ -1,13 +1,17 @@
-"""What a run shows of its sources: their states, the terminal's live status and the summary at any width."""
+"""What a run shows: its sources' states, the live status in the terminal, the summary at any width, its waits."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 
+import pytest
 from rich.console import Console
 
 from pipeline.frames import DeliveryPolicy
 from pipeline.report import ProgressDisplay, RunReports, SourceReport, SourceState, summary
+from pipeline.retry import saying_while_waiting
 from pipeline.sources import SourceSettings, open_source
 from tests.kafka import annotated_frame
 
@@ -65,3 +69,13 @@ def render(renderable: object, width: int) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None)
     console.print(renderable)
     return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+async def test_a_wait_at_start_says_how_long_it_has_waited(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("framelabel.test")
+    caplog.set_level(logging.INFO, logger="framelabel.test")
+    said = asyncio.Event()
+    log.addFilter(lambda record: said.set() or True)
+    async with saying_while_waiting(log, "the service at 127.0.0.1:1", 10, every_s=0.01):
+        await asyncio.wait_for(said.wait(), 10)
+    assert "still waiting for the service at 127.0.0.1:1 (0 s of 10)" in caplog.text

@@ -28,7 +28,7 @@ import grpc
 from grpc import aio
 
 from pipeline.annotators import AnnotatorLifetime
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api_names import SERVICE_NAME
@@ -126,10 +126,11 @@ class GrpcAnnotator(AnnotatorLifetime):
         settings = self.settings
         self._channels = [_open_channel(target, settings) for target in settings.targets]
         within_s = settings.connect_timeout_seconds
-        log.info("connecting to the Annotate service at %s (up to %g s)", self.description, within_s)
+        log.info("connecting to the Annotate service at %s", self.description)
         waiters = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
         try:
-            done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+            async with saying_while_waiting(log, f"the Annotate service at {self.description}", within_s):
+                done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
