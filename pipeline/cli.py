@@ -151,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
 
     flags = {
         "sources": args.source,
+        "fps": args.fps,
+        "every_nth": args.every_nth,
+        "realtime": args.realtime or None,
+        "loop": args.loop or None,
         "classifier": args.classifier,
         "targets": args.target,
         "tls": args.tls,
@@ -242,7 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "config", nargs="?", type=Path, help="run YAML (default: the demo: sample clip, imagenet, embedded)"
     )
-    run.add_argument("--source", action="append", metavar="ID=URI", help="a source (repeatable; replaces the config's)")
+    run.add_argument(
+        "--source",
+        action="append",
+        metavar="[ID=]URI",
+        help="a source (repeatable; replaces the config's); without ID=, the id is the file's name or camera's host",
+    )
+    sampling = run.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="annotate at most this many frames a second, for every source")
+    sampling.add_argument("--every-nth", type=int, metavar="N", help="annotate every Nth frame, for every source")
+    run.add_argument("--realtime", action="store_true", help="files: play at their own speed, as a camera would")
+    run.add_argument("--loop", action="store_true", help="files: start again at the end, until stopped")
     run_where = run.add_mutually_exclusive_group()
     run_where.add_argument("--classifier", help="annotate in-process with this classifier")
     run_where.add_argument("--target", action="append", metavar="HOST:PORT", help="annotate over gRPC (repeatable)")
