@@ -34,9 +34,9 @@ LIBRARY_REPEAT_SECONDS = 10.0
 DEFAULT_CONSUME_BOOTSTRAP = "127.0.0.1:9092"
 
 
-def response_json(response: AnnotationResponse) -> str:
+def response_dict(response: AnnotationResponse) -> dict[str, object]:
     """The protobuf JSON mapping with the API reference's field names (`request_id`, …)."""
-    return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+    return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
 
 class _LibraryRepeats(logging.Filter):
@@ -142,7 +142,7 @@ async def _annotate_files(args: argparse.Namespace) -> int:
             if args.top is not None:
                 del response.annotations[args.top :]
                 del response.classifier_specification.labels[:]
-            print(response_json(response), flush=True)
+            print(json.dumps({"file": str(path), "response": response_dict(response)}, ensure_ascii=False), flush=True)
     return 1 if failures else 0
 
 

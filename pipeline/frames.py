@@ -28,6 +28,7 @@ class FrameInfo:
     capture_time_ms: int  # wall clock, ms since the epoch: the Kafka record's timestamp
     captured_at: float  # time.monotonic() at capture, for capture→published latency
     media_position_ms: float | None = None  # position in a video file; None for cameras and images
+    file_name: str | None = None  # the image's path as listed, for image folders
     decode_seconds: float = 0.0  # the reader thread's CPU time for this frame (waiting on a camera not counted)
 
 

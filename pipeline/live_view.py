@@ -42,6 +42,7 @@ def source_status(report: SourceReport) -> dict[str, Any]:
         "dropped": report.dropped,
         "failed": report.failed,
         "lost": report.lost,
+        "skipped": stats.skipped,
         "reconnects": stats.reconnects,
         "latency_ms": {"p50": _rounded(p50), "p95": _rounded(p95)},
         "last_error": None if error is None else mask_credentials(error),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,13 @@ def test_record_carries_frame_metadata_in_headers() -> None:
     }
     assert AnnotationResponse.FromString(record.value) == file_frame.response
 
+    image = annotated_frame("folder", 0)
+    image = dataclasses.replace(image, info=dataclasses.replace(image.info, file_name="frames/0001.jpg"))
+    image_record = encode_record(image, "protobuf")
+    assert dict(image_record.headers)["file_name"] == b"frames/0001.jpg"
+    decoded_image = decode_record(image_record.key, image_record.value, image_record.headers, 0)
+    assert decoded_image.file_name == "frames/0001.jpg"
+
     camera_record = encode_record(annotated_frame("cam-b", 3), "json")
     assert "media_position_ms" not in dict(camera_record.headers)
     assert dict(camera_record.headers)["content_type"] == JSON_CONTENT_TYPE.encode()
@@ -124,6 +132,7 @@ def test_decode_record_reads_both_formats_and_names_what_is_wrong() -> None:
         assert decoded.response == frame.response
 
     printed = record_json(decoded)
+    assert printed["file_name"] is None  # a video file's frame
     assert printed["response"]["classifier_specification"]["classification_type"] == "MULTI_CLASS"
     assert printed["response"]["request_id"] == "file-a/7"
     json.dumps(printed)

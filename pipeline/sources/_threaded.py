@@ -177,7 +177,9 @@ class ThreadedSource(abc.ABC):
         self._threads.append(thread)
         thread.start()
 
-    def _new_frame(self, pixels: MatLike, media_position_ms: float | None = None) -> Frame:
+    def _new_frame(
+        self, pixels: MatLike, media_position_ms: float | None = None, file_name: str | None = None
+    ) -> Frame:
         """Stamp a frame just read: the next index, now as its capture time, and what reading it cost."""
         cpu_now = time.thread_time()  # counts from the thread's start, so a thread's first frame includes opening
         decode_seconds = cpu_now - getattr(self._cpu_mark, "seconds", 0.0)
@@ -188,6 +190,7 @@ class ThreadedSource(abc.ABC):
             capture_time_ms=time.time_ns() // 1_000_000,
             captured_at=time.monotonic(),
             media_position_ms=media_position_ms,
+            file_name=file_name,
             decode_seconds=decode_seconds,
         )
         self.stats.read += 1

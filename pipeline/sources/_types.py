@@ -27,6 +27,7 @@ class SourceStats:
     read: int = 0  # frames read from the source
     dropped: int = 0  # LIVE only: frames overwritten before anyone took them (freshness policy)
     errors: int = 0  # corrupt frames / undecodable images skipped, failed opens
+    skipped: int = 0  # images that could not be read, left out of the replay (each named in the log)
     reconnects: int = 0  # LIVE only
     streaming: bool = False  # frames are coming: set by each frame, cleared when a camera reconnects
     last_error: str | None = None
