@@ -58,6 +58,11 @@ class _LibraryRepeats(logging.Filter):
         return True
 
 
+def _not_reported_by_us(record: logging.LogRecord) -> bool:
+    """aiokafka's own line about a refused idempotent producer: the publisher says what it means and does."""
+    return not (record.name.startswith("aiokafka") and "InitProducerIdRequest" in str(record.msg))
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -66,6 +71,7 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its INFO lines are its own bookkeeping
         for handler in logging.getLogger().handlers:
             handler.addFilter(_LibraryRepeats("aiokafka", LIBRARY_REPEAT_SECONDS))
+            handler.addFilter(_not_reported_by_us)
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 

@@ -204,6 +204,22 @@ async def test_consuming_a_missing_topic_says_so(broker: EmbeddedBroker) -> None
         await anext(consume(connection(broker.address, "nowhere"), from_beginning=True))
 
 
+async def test_default_idempotence_gives_way_to_a_broker_without_it(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    deliveries = Deliveries()
+    async with Publisher(KafkaSettings(bootstrap_servers=broker.address), deliveries) as publisher:
+        await publisher.publish(annotated_frame("cam-a", 0))
+        await publisher.flush()
+    assert [frame.info.index for frame in deliveries.acknowledged] == [0]
+    assert publisher.settings.enable_idempotence is False
+    assert f"Kafka at {broker.address} refused the idempotent producer" in caplog.text
+
+    asked_for = KafkaSettings(bootstrap_servers=broker.address, enable_idempotence=True)
+    with pytest.raises(KafkaUnreachable, match=r"kafka\.enable_idempotence: true asks for the idempotent producer"):
+        await Publisher(asked_for).start()
+
+
 async def test_unreachable_kafka_is_reported_with_its_address() -> None:
     address = f"127.0.0.1:{closed_port()}"
     # Refused, so reported at once as refused: not after connect_timeout_ms as "no answer in time".
