@@ -157,7 +157,9 @@ def monitored() -> Iterator[MonitoredRun]:
                 )
                 with pipeline_run(config) as run:
                     url = f"http://127.0.0.1:{metrics_port}"
-                    yield MonitoredRun(run, url, f"127.0.0.1:{broker_port}", camera_port, camera, long_clip)
+                    monitored = MonitoredRun(run, url, f"127.0.0.1:{broker_port}", camera_port, camera, long_clip)
+                    wait_until(lambda: monitored.get("/healthz")[0] == 200, "the monitoring port to answer", WAIT_S)
+                    yield monitored
         finally:
             broker.terminate()
             broker.wait(10)
@@ -206,6 +208,7 @@ async def clip_records(broker: str) -> list[DecodedRecord]:
 
 
 def test_prometheus_scrapes_it_with_the_stacks_config(monitored: MonitoredRun, tmp_path: Path) -> None:
+    monitored.wait_for_the_clip()
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     pipeline_job = next(job for job in config["scrape_configs"] if job["job_name"] == "framelabel-pipeline")
     # the stack's job, pointed at this run and scraping often enough for a test
@@ -324,10 +327,13 @@ async def test_the_service_counts_requests_and_the_client_its_calls(
         with pytest.raises(InvalidImageError):
             await annotator.annotate(AnnotationRequest(image=Image(content=b"not an image", image_type=Image.JPEG)))
     assert [code for code, _ in calls] == ["OK", "INVALID_ARGUMENT"]
-    scrape = MonitoredRun.metrics_at(f"http://127.0.0.1:{metrics_port}")
+    url = f"http://127.0.0.1:{metrics_port}"
+    answered = ("framelabel_service_request_seconds_count", ())
+    # the service counts a call as it returns, a moment after the client has its answer
+    wait_until(lambda: MonitoredRun.metrics_at(url)[answered] == 2, "the service to count both calls")
+    scrape = MonitoredRun.metrics_at(url)
     assert scrape[("framelabel_service_requests_total", (("code", "OK"),))] == 1
     assert scrape[("framelabel_service_requests_total", (("code", "INVALID_ARGUMENT"),))] == 1
-    assert scrape[("framelabel_service_request_seconds_count", ())] == 2
     assert scrape[("framelabel_service_requests_in_flight", ())] == 0
 
 
