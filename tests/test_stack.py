@@ -235,6 +235,9 @@ def test_stack_wires_kafka_topic_service_and_pipeline_together(stack: dict[str, 
     assert depends["topic-init"]["condition"] == "service_completed_successfully"
     assert depends["annotate"]["condition"] == "service_healthy"
     assert services["annotate"]["healthcheck"]["test"][1:3] == ["framelabel", "health"]
+    # the pipeline's own health check asks /healthz on its HTTP port
+    metrics_port = metrics_port_of(services["pipeline"]["command"])
+    assert f"http://127.0.0.1:{metrics_port}/healthz" in " ".join(services["pipeline"]["healthcheck"]["test"])
     assert services["annotate"]["environment"]["FRAMELABEL_API_KEYS"] == STACK_SECRETS["FRAMELABEL_API_KEY"]
     assert services["pipeline"]["environment"]["FRAMELABEL_API_KEY"] == STACK_SECRETS["FRAMELABEL_API_KEY"]
 
@@ -318,7 +321,10 @@ def test_the_stack_commands_load_the_mounted_configs(
     serve_argv[config_flag] = str(host_path(services["annotate"], serve_argv[config_flag]))
     assert main(serve_argv) == 0, capsys.readouterr().err
     serve: ServiceConfig = captured["serve"]
-    assert (serve.host, serve.port) == ("0.0.0.0", 50051)  # the port the health checks ask
+    assert serve.host == "0.0.0.0"
+    # the image's and the compose file's health checks ask the port the service listens on
+    for health in (dockerfile_commands()[1].argv, services["annotate"]["healthcheck"]["test"][2:]):
+        assert build_parser().parse_args(health).target == f"127.0.0.1:{serve.port}"
     assert serve.auth.api_keys_env in services["annotate"]["environment"]
     assert serve.classifier in load_catalog(serve.classifiers_file).classifiers
     if pending:
@@ -398,6 +404,8 @@ def test_dashboard_queries_name_only_metrics_and_labels_framelabel_exposes(dashb
         in_label_values = set(re.findall(r"label_values\(\w+, (\w+)\)", query))
         assert grouped | matched | in_label_values <= labels, f"{query!r}: a label no metric in it has"
     for query in queries:
+        for name in re.findall(r"\b(?:rate|increase)\((framelabel_\w+)", query):
+            assert METRIC_FAMILIES.get(name, ("",))[0] != "gauge", f"{query!r}: a rate of the gauge {name}"
         for quantile in re.findall(r"histogram_quantile\([^,]+, (.*)\)$", query):
             assert "_bucket" in quantile, f"{query!r}: histogram_quantile over something else than buckets"
             assert re.search(r"by \([^)]*\ble\b", quantile), f"{query!r}: the buckets lose `le`"
