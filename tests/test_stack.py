@@ -100,10 +100,19 @@ def tool(name: str) -> str:
     return path
 
 
-def compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read instead of a `.env` beside docker-compose.yml, which a user of the checkout may have written."""
+    path = tmp_path_factory.mktemp("compose") / "empty.env"
+    path.touch()
+    return path
+
+
+def compose(*args: str, env: dict[str, str], env_file: Path) -> subprocess.CompletedProcess[str]:
     """Debian's docker-compose 1.29: `config` needs no Docker engine."""
+    files = ["--file", str(COMPOSE_FILE), "--project-directory", str(CHECKOUT), "--env-file", str(env_file)]
     return subprocess.run(
-        [tool("docker-compose"), "--file", str(COMPOSE_FILE), "--project-directory", str(CHECKOUT), *args],
+        [tool("docker-compose"), *files, *args],
         env=env,
         capture_output=True,
         text=True,
@@ -116,17 +125,17 @@ def stack_env(**overrides: str) -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", **STACK_SECRETS, **overrides}
 
 
-def resolved(**overrides: str) -> dict[str, Any]:
+def resolved(env_file: Path, **overrides: str) -> dict[str, Any]:
     """The compose file as docker-compose reads it: variables substituted, relative paths made absolute."""
-    result = compose("config", env=stack_env(**overrides))
+    result = compose("config", env=stack_env(**overrides), env_file=env_file)
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = yaml.safe_load(result.stdout)
     return config
 
 
 @pytest.fixture(scope="module")
-def stack() -> dict[str, Any]:
-    return resolved()
+def stack(empty_env_file: Path) -> dict[str, Any]:
+    return resolved(empty_env_file)
 
 
 @dataclass(frozen=True)
@@ -203,13 +212,13 @@ def host_path(service: dict[str, Any], container_path: str) -> Path:
     raise AssertionError(f"{container_path} is not in a bind mount of the service")
 
 
-def test_compose_file_validates_and_demands_its_secrets() -> None:
-    result = compose("config", "--quiet", env=stack_env())
+def test_compose_file_validates_and_demands_its_secrets(empty_env_file: Path) -> None:
+    result = compose("config", "--quiet", env=stack_env(), env_file=empty_env_file)
     assert result.returncode == 0, result.stderr
     for secret in STACK_SECRETS:
         env = stack_env()
         del env[secret]
-        result = compose("config", "--quiet", env=env)
+        result = compose("config", "--quiet", env=env, env_file=empty_env_file)
         assert result.returncode != 0, f"the stack starts without {secret}"
         assert f"set {secret}" in result.stderr
 
@@ -242,14 +251,14 @@ def test_stack_wires_kafka_topic_service_and_pipeline_together(stack: dict[str, 
     assert services["pipeline"]["environment"]["FRAMELABEL_API_KEY"] == STACK_SECRETS["FRAMELABEL_API_KEY"]
 
 
-def test_environment_points_the_stack_at_another_kafka_and_service() -> None:
+def test_environment_points_the_stack_at_another_kafka_and_service(empty_env_file: Path) -> None:
     overrides = {
         "KAFKA_BOOTSTRAP": "broker-1.example:9092,broker-2.example:9092",
         "ANNOTATE_TARGET": "vision.example:50051",
         "FRAMELABEL_TOPIC": "cameras.annotations",
     }
     assert set(overrides) == set(STACK_OVERRIDES)
-    services = resolved(**overrides)["services"]
+    services = resolved(empty_env_file, **overrides)["services"]
     args = build_parser().parse_args(without_pending_flags(tuple(services["pipeline"]["command"]))[0])
     assert (args.bootstrap, args.target, args.topic) == (
         overrides["KAFKA_BOOTSTRAP"],
