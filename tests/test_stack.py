@@ -25,8 +25,8 @@ import yaml
 import pipeline.job
 import services.server
 from pipeline.cli import build_parser, main
-from pipeline.config import RunConfig
-from services.config import MonitoringSettings, ServiceConfig, load_catalog
+from pipeline.config import RunConfig, load_run_config
+from services.config import MonitoringSettings, ServiceConfig, load_catalog, load_service_config
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = CHECKOUT / "docker-compose.yml"
@@ -266,6 +266,32 @@ def test_every_bind_mount_is_a_file_of_the_checkout(stack: dict[str, Any]) -> No
     for source in mounts:
         assert Path(source).is_relative_to(CHECKOUT), source
         assert Path(source).exists(), f"docker-compose.yml mounts {source}, which does not exist"
+
+
+def mounted_configs() -> list[Path]:
+    """Every YAML file in the folders the stack's framelabel services mount: all of configs/."""
+    stack = yaml.safe_load(COMPOSE_FILE.read_text())
+    folders = {
+        CHECKOUT / volume.split(":")[0]
+        for service in stack["services"].values()
+        if "build" in service  # YAML merges the x-framelabel anchor in
+        for volume in service.get("volumes", [])
+        if volume.startswith("./")
+    }
+    return sorted(path for folder in folders for path in folder.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", mounted_configs(), ids=lambda path: path.name)
+def test_every_mounted_config_loads(path: Path) -> None:
+    """A run config (it has `sources`), a classifiers file (`classifiers`) or a service config (the rest)."""
+    data = yaml.safe_load(path.read_text())
+    if "sources" in data:
+        assert load_run_config(path, {}).sources
+    elif "classifiers" in data:
+        assert load_catalog(path).classifiers.keys() >= data["classifiers"].keys()
+    else:
+        service = load_service_config(path, {})
+        assert service.classifier in load_catalog(service.classifiers_file).classifiers
 
 
 @pytest.fixture
