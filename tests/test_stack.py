@@ -21,12 +21,22 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline.job
 import services.server
 from pipeline.cli import build_parser, main
 from pipeline.config import RunConfig, load_run_config
+from pipeline.kafka import KafkaSettings
+from pipeline.metrics import PipelineMetrics
+from pipeline.publisher import Publisher
+from pipeline.report import RunReports
+from pipeline.sources import SourceSettings, open_source
 from services.config import MonitoringSettings, ServiceConfig, load_catalog, load_service_config
+from services.metrics import ServiceMetrics
+from tests.kafka import annotated_frame
+from tests.scripted import ScriptedProducer
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = CHECKOUT / "docker-compose.yml"
@@ -47,30 +57,6 @@ STACK_SECRETS = {
 # The variables that point the stack elsewhere; unset, the stack's own services.
 STACK_OVERRIDES = ("KAFKA_BOOTSTRAP", "ANNOTATE_TARGET", "FRAMELABEL_TOPIC")
 
-# Every metric family framelabel exposes, as prometheus-client names them (a counter without its
-# `_total`), with its type and labels. Written out for now; a real scrape of `run` and `serve`
-# gives the same mapping.
-METRIC_FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
-    **{
-        f"framelabel_frames_{what}": ("counter", frozenset({"source"}))
-        for what in ("read", "sampled", "annotated", "published", "failed")
-    },
-    "framelabel_frames_dropped": ("counter", frozenset({"source", "cause"})),
-    "framelabel_source_reconnects": ("counter", frozenset({"source"})),
-    "framelabel_source_up": ("gauge", frozenset({"source"})),
-    "framelabel_source_last_published_age_seconds": ("gauge", frozenset({"source"})),
-    "framelabel_capture_to_published_seconds": ("histogram", frozenset({"source"})),
-    "framelabel_stage_seconds": ("histogram", frozenset({"source", "stage"})),
-    "framelabel_kafka_records_unsettled": ("gauge", frozenset()),
-    "framelabel_kafka_resends": ("counter", frozenset()),
-    "framelabel_kafka_delivery_failures": ("counter", frozenset()),
-    "framelabel_grpc_client_calls": ("counter", frozenset({"code"})),
-    "framelabel_grpc_client_call_seconds": ("histogram", frozenset()),
-    "framelabel_service_requests": ("counter", frozenset({"code"})),
-    "framelabel_service_request_seconds": ("histogram", frozenset()),
-    "framelabel_service_requests_in_flight": ("gauge", frozenset()),
-    "framelabel_service_batch_size": ("histogram", frozenset()),
-}
 SERIES_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 TARGET_LABELS = frozenset({"instance", "job"})  # added by Prometheus to every scraped series
 METRIC_NAME = re.compile(r"\bframelabel_\w+")
@@ -87,6 +73,26 @@ def series(families: dict[str, tuple[str, frozenset[str]]]) -> dict[str, frozens
     return names
 
 
+def exposed_families() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every metric family in what `run`'s and `serve`'s own registries expose, as Prometheus's text
+    format carries it and prometheus-client's parser reads it: name (a counter without `_total`) →
+    (type, labels). The run's registry watches a source that has published a frame and a publisher,
+    and has seen one gRPC call, so that each labelled family has a series to show its labels."""
+    run = PipelineMetrics()
+    reports = RunReports([open_source("gate", "rtsp://127.0.0.1:1/cam", SourceSettings())])
+    reports.published(annotated_frame("gate", 0), 0.01)
+    run.watch(reports)
+    run.watch_publisher(Publisher(KafkaSettings(bootstrap_servers="unused:9092"), producer=ScriptedProducer()))
+    run.grpc_call("OK", 0.01)
+    families = {}
+    for registry in (run.registry, ServiceMetrics().registry):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            labels = frozenset(name for sample in family.samples for name in sample.labels) - {"le"}
+            families[family.name] = (family.type, labels)
+    return families
+
+
+METRIC_FAMILIES = exposed_families()
 EXPOSED_SERIES = series(METRIC_FAMILIES)
 
 
