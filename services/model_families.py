@@ -10,10 +10,11 @@ families match the shipped models:
   Caffe mean; the network already ends in a softmax.
 - `nudenet`: NudeNet v3 `320n` detector (YOLOv8), padded to a square, 320×320,
   RGB / 255; a label's confidence is its best score over all candidate boxes.
-- `yolo`: YOLOv3-tiny (COCO, exported by tools/export_objects.py), letterboxed
-  into 416×416 on Darknet's grey, RGB / 255; its output is the two heads' raw
-  terms, and a label's confidence is its best box score, sigmoid(objectness) ×
-  sigmoid(class logit), over all candidate boxes.
+- `yolov3`: Darknet's YOLOv3 heads (YOLOv3-tiny, COCO, exported by
+  tools/export_objects.py), letterboxed into 416×416 on Darknet's grey,
+  RGB / 255; its output is the heads' raw terms side by side, and a label's
+  confidence is its best box score, sigmoid(objectness) × sigmoid(class logit),
+  over all candidate boxes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from numpy.typing import NDArray
 
 from services.imaging import RGBImage, resize
 
-FamilyName = Literal["efficientnet", "open_nsfw", "nudenet", "yolo"]
+FamilyName = Literal["efficientnet", "open_nsfw", "nudenet", "yolov3"]
 Tensor = NDArray[np.float32]
 
 
@@ -101,7 +102,7 @@ class NudeNet:
         return result
 
 
-class Yolo:
+class YoloV3:
     SIZE = 416
     FILL = 0.5  # Darknet letterboxes on mid grey
     OBJECTNESS = 4  # the row after the box terms tx, ty, tw, th; the class logits follow
@@ -131,5 +132,5 @@ FAMILIES: dict[str, ModelFamily] = {
     "efficientnet": EfficientNet(),
     "open_nsfw": OpenNsfw(),
     "nudenet": NudeNet(),
-    "yolo": Yolo(),
+    "yolov3": YoloV3(),
 }

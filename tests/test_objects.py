@@ -23,7 +23,7 @@ from pipeline.config import sample_clip
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassifierSpecification
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.classifier import Classifier, load_classifier
-from services.model_families import Yolo
+from services.model_families import YoloV3
 from tests.helpers import FRAMELABEL, ServiceProcess, jpeg, photo, request, start_service
 
 PRESENT = 0.25
@@ -95,11 +95,11 @@ def test_every_coco_label_in_the_specification_each_within_0_and_1(objects: Clas
 
 def test_letterboxes_instead_of_stretching() -> None:
     wide = np.full((100, 200, 3), 255, dtype=np.uint8)
-    tensor = Yolo().preprocess(wide)
+    tensor = YoloV3().preprocess(wide)
     assert tensor.shape == (3, 416, 416)
     bar = (416 - 208) // 2  # the 2:1 picture becomes 416×208, centred on Darknet's grey
-    assert np.all(tensor[:, : bar - 1] == Yolo.FILL)
-    assert np.all(tensor[:, bar + 208 + 1 :] == Yolo.FILL)
+    assert np.all(tensor[:, : bar - 1] == YoloV3.FILL)
+    assert np.all(tensor[:, bar + 208 + 1 :] == YoloV3.FILL)
     assert np.all(tensor[:, bar + 1 : bar + 207] == 1.0)
 
 

