@@ -24,6 +24,7 @@ import numpy as np
 from cv2.typing import MatLike
 
 from pipeline.frames import DeliveryPolicy, Frame, FrameInfo
+from pipeline.sampler import SamplingSettings
 from pipeline.sources._types import SourceSettings, SourceStats
 
 log = logging.getLogger("framelabel.sources")
@@ -108,10 +109,11 @@ class ThreadedSource(abc.ABC):
 
     policy: DeliveryPolicy
 
-    def __init__(self, source_id: str, settings: SourceSettings) -> None:
+    def __init__(self, source_id: str, settings: SourceSettings, sampling: SamplingSettings) -> None:
         self.source_id = source_id
         self.stats = SourceStats()
         self.settings = settings
+        self.sampling = sampling
         self._handoff: FrameHandoff | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -176,11 +178,11 @@ class ThreadedSource(abc.ABC):
         self._threads.append(thread)
         thread.start()
 
-    def _new_frame(self, pixels: MatLike, media_position_ms: float | None = None) -> Frame:
-        """Stamp a frame just read: the next index, and now as its capture time."""
+    def _new_frame(self, pixels: MatLike, media_position_ms: float | None = None, index: int | None = None) -> Frame:
+        """Stamp a frame just read: its index (by default the next one), and now as its capture time."""
         info = FrameInfo(
             source_id=self.source_id,
-            index=self.stats.read,  # every frame read gets the next index, so the count so far is it
+            index=self.stats.read if index is None else index,  # by default, the count of frames read so far
             capture_time_ms=time.time_ns() // 1_000_000,
             captured_at=time.monotonic(),
             media_position_ms=media_position_ms,

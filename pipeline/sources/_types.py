@@ -49,6 +49,9 @@ class SourceSettings(StrictModel):
     # FFmpeg decoder threads: 1 spends the least CPU per frame (~16 % less than 2 at 720p H.264 here),
     # which matters when decoding shares the cores with inference; 0 lets FFmpeg choose
     decode_threads: Annotated[int, Field(ge=0)] = 1
+    # pyav: decode only the frames the sampling keeps (see _pyav); opencv: decode every frame (cheaper per
+    # frame when every frame is kept); auto: pyav when the source samples, opencv otherwise
+    decoder: Literal["auto", "pyav", "opencv"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceSettings:
