@@ -6,7 +6,7 @@ runs) and on the capture clock otherwise: the first frame at or after each
 sample time. `every_nth` keeps frames 0, N, 2N, … by index. `keyframes` keeps
 the stream's keyframes only (with `fps`, at most that many of them).
 
-Sources decoded with PyAV apply the same rules before decoding (see
+Sources decoded with PyAV apply `fps` and `keyframes` before decoding (see
 `pipeline.sources._pyav`), so the frames they skip are never decoded; this
 stage then keeps every frame they deliver.
 """
@@ -35,9 +35,9 @@ class SamplingSettings(StrictModel):
         return self
 
     @property
-    def samples(self) -> bool:
-        """Whether frames are thrown away, so that decoding only the kept ones pays."""
-        return self.fps is not None or self.every_nth is not None or self.keyframes
+    def skips_decoding(self) -> bool:
+        """Whether a source decoding with PyAV can leave frames undecoded: with `fps` or `keyframes`."""
+        return self.fps is not None or self.keyframes
 
 
 class FpsSchedule:

@@ -8,10 +8,9 @@ The URI picks the kind and with it the delivery policy:
     a directory, or a glob with * ? [                      image_folder.ImageFolderSource REPLAY
     anything else                                          video_file.VideoFileSource     REPLAY
 
-Video files and streams decode with PyAV when the source samples (`fps`,
-`every_nth`, `keyframes`), so that the frames sampled out are never decoded,
-and with OpenCV when every frame is kept (cheaper per frame); `decoder`
-overrides the choice. Local devices always use OpenCV.
+Video files and streams decode with PyAV when the source samples with `fps`
+or `keyframes`, so that the frames sampled out are never decoded, and with
+OpenCV otherwise (cheaper per frame decoded); `decoder` overrides the choice. Local devices always use OpenCV.
 
 A source is an async context manager that owns its reader threads: leaving
 the block closes it. open_source() does no I/O: a missing or unreadable input raises `SourceError`

@@ -25,6 +25,7 @@ class SourceStats:
     """Counters a source updates as it reads, for the runner's progress and summary."""
 
     read: int = 0  # frames read from the source
+    decoded: int = 0  # frames decoded; with PyAV and sampling, only those kept and the ones they refer to
     dropped: int = 0  # LIVE only: frames overwritten before anyone took them (freshness policy)
     errors: int = 0  # corrupt frames / undecodable images skipped, failed opens
     reconnects: int = 0  # LIVE only
@@ -50,7 +51,7 @@ class SourceSettings(StrictModel):
     # which matters when decoding shares the cores with inference; 0 lets FFmpeg choose
     decode_threads: Annotated[int, Field(ge=0)] = 1
     # pyav: decode only the frames the sampling keeps (see _pyav); opencv: decode every frame (cheaper per
-    # frame when every frame is kept); auto: pyav when the source samples, opencv otherwise
+    # frame decoded); auto: pyav with `fps` or `keyframes`, opencv otherwise
     decoder: Literal["auto", "pyav", "opencv"] = "auto"
 
     @model_validator(mode="after")

@@ -164,6 +164,7 @@ class CameraSource(ThreadedSource):
                 ok, pixels = capture.read()
                 if not ok:
                     return "the stream ended or a read failed", streamed
+                self.stats.decoded += 1
                 if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
                     streamed = True
                     handoff.put(self._new_frame(pixels))
@@ -186,7 +187,7 @@ class CameraSource(ThreadedSource):
         except SourceError as exc:
             self.stats.errors += 1
             return str(exc), False
-        decoder = SparseDecoder(stream, self.sampling, first_number=self._numbered)
+        decoder = SparseDecoder(stream, self.sampling, self.stats, first_number=self._numbered, live=True)
         try:
             for packet in container.demux(stream):
                 if handoff.stopped or not reader.expect_frame():

@@ -109,6 +109,7 @@ class VideoFileSource(ThreadedSource):
                     return
                 if not ok:
                     return
+                self.stats.decoded += 1
                 position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
                 if previous_ms is not None and position_ms <= previous_ms and fps > 0:
                     position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
@@ -122,7 +123,7 @@ class VideoFileSource(ThreadedSource):
         self._check_file()
         name = f"video file {self.path}"
         container, stream = open_video(self.path, name, {}, None, self.settings.decode_threads)
-        decoder = SparseDecoder(stream, self.sampling, self.settings.start_ms, self._numbered)
+        decoder = SparseDecoder(stream, self.sampling, self.stats, self.settings.start_ms, self._numbered)
         try:
             if self.settings.start_ms > 0 and stream.time_base:  # to the keyframe at or before start_ms
                 offset = int(self.settings.start_ms / 1000 / stream.time_base) + (stream.start_time or 0)
