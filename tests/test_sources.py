@@ -281,7 +281,12 @@ async def test_a_truncated_file_ends_cleanly(truncated_clip: Path, decoder: str)
     frames = await read_all(source)
 
     assert 0 < len(frames) == source.stats.read < 120
-    assert source.stats.last_error == f"video file {truncated_clip} ended after {len(frames)} of 120 frames"
+    ended = re.fullmatch(
+        rf"video file {re.escape(str(truncated_clip))} ended after (\d+) of 120 frames", str(source.stats.last_error)
+    )
+    assert ended is not None, source.stats.last_error
+    # OpenCV counts the frames it decoded; PyAV the frames the file holds, a last few of them cut short
+    assert len(frames) <= int(ended[1]) <= len(frames) + (3 if decoder == "pyav" else 0)
 
 
 def write_frames(folder: Path, count: int) -> None:

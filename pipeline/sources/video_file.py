@@ -40,7 +40,7 @@ class VideoFileSource(ThreadedSource):
         super().__init__(source_id, settings, sampling)
         self.path = path
         self._pyav = uses_pyav(settings, sampling)
-        self._numbered = 0  # PyAV: frames numbered in earlier passes of a loop, so that indexes keep growing
+        self._numbered = 0  # frames gone through (decoded or not), over the passes: PyAV's indexes go on from it
 
     @functools.cached_property
     def total_frames(self) -> int | None:
@@ -61,6 +61,7 @@ class VideoFileSource(ThreadedSource):
 
     def _replay(self, handoff: FrameHandoff) -> None:
         while True:  # the file is opened again for each pass of a loop: works for files that cannot seek, too
+            numbered_before = self._numbered
             with contextlib.closing(self._pyav_frames() if self._pyav else self._opencv_frames()) as frames:
                 delivered = self._replay_pass(frames, handoff)
             if handoff.stopped:
@@ -68,7 +69,7 @@ class VideoFileSource(ThreadedSource):
             if delivered == 0:
                 break  # nothing (more) in range: looping would spin
             if not self.settings.loop:
-                self._check_complete(delivered)
+                self._check_complete(self._numbered - numbered_before)
                 break
         if self.stats.read == 0:
             raise SourceError(f"video file {self.path}: no decodable video frames{self._range_text()}")
@@ -110,6 +111,7 @@ class VideoFileSource(ThreadedSource):
                 if not ok:
                     return
                 self.stats.decoded += 1
+                self._numbered += 1
                 position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
                 if previous_ms is not None and position_ms <= previous_ms and fps > 0:
                     position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
@@ -176,11 +178,11 @@ class VideoFileSource(ThreadedSource):
         stop = int(count) if end_ms is None else min(int(count), math.ceil(end_ms * fps / 1000))
         return max(0, stop - first)
 
-    def _check_complete(self, delivered: int) -> None:
+    def _check_complete(self, went_through: int) -> None:
         """A file that ends before its announced frame count is truncated or corrupt: say so, and carry on."""
         expected = self.total_frames
-        if self._whole_file and expected is not None and delivered < expected:
-            message = f"video file {self.path} ended after {delivered} of {expected} frames"
+        if self._whole_file and expected is not None and went_through < expected:
+            message = f"video file {self.path} ended after {went_through} of {expected} frames"
             log.warning("source %s: %s (truncated or corrupt?)", self.source_id, message)
             self.stats.last_error = message
 
