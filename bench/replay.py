@@ -43,6 +43,7 @@ class ReplayResult:
     fps: float
     cpu_utilisation: float  # of all cores, over the child's wall time
     peak_rss_mb: float
+    cpu_seconds: float  # the child's, over its whole life
 
     def as_json(self) -> dict[str, float]:
         return {
@@ -84,7 +85,7 @@ def run_replay(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str,
     if match is None:
         raise RuntimeError(f"no summary in the output: {stdout.decode()[-400:]}")
     frames, seconds = int(match.group(1)), float(match.group(2))
-    return ReplayResult(frames, frames / seconds, cpu_seconds / wall / cores, peak_rss / 2**20)
+    return ReplayResult(frames, frames / seconds, cpu_seconds / wall / cores, peak_rss / 2**20, cpu_seconds)
 
 
 async def naive_loop(broker: EmbeddedBroker, clip: Path, max_frames: int) -> float:

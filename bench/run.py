@@ -4,7 +4,7 @@ Prints one table and writes bench/results/latest.json (one key per figure,
 ratios included; a figure that could not be measured is null with a `why`).
 Each figure is the median of repeated runs with its spread [min–max].
 
-    python -m bench.run [--repeats N] [--live-seconds S] [--skip-peer] [--skip-live]
+    python -m bench.run [--repeats N] [--live-seconds S] [--pairs N] [--cameras N …] [--skip-peer] [--skip-live]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
+from bench.sampled import measure_sampled
 from bench.service_load import measure_service, serving
 from bench.stages import SMALL, cores, measure_stages
 from bench.timing import Sample
@@ -72,7 +73,9 @@ def median_fps(entry: Any) -> float | None:
         return None
 
 
-def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> dict[str, Any]:
+def run(
+    repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool, pairs: int, cameras: list[int]
+) -> dict[str, Any]:
     core_count = cores()
     clip = looped_clip(500)
     clip_4x = looped_clip(2000)
@@ -125,6 +128,14 @@ def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> 
         {"value": None, "why": "skipped (--skip-live)"}
         if skip_live
         else figure("live cameras", lambda: measure_live(live_seconds))
+    )
+    results["sampled"] = (
+        {"value": None, "why": "skipped (--skip-live)"}
+        if skip_live
+        else figure(
+            "sampled decoding: a file and RTSP cameras at 1 fps",
+            lambda: measure_sampled(pairs, cameras, 15.0, core_count),
+        )
     )
     results["peer_roboflow"] = (
         {"value": None, "why": "skipped (--skip-peer)"}
@@ -214,6 +225,11 @@ def print_table(results: dict[str, Any]) -> None:
         line(mode, results[mode])
     print("7. live:")
     line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
+    print("7b. sampled at 1 fps (ours: PyAV decoding only what is kept; baseline: OpenCV decoding every frame);")
+    print("    median [min–max] over interleaved pairs, ratio = ours / baseline pair by pair:")
+    sampled = results["sampled"]
+    for key, value in sampled.items():
+        line(key, value)
     print("8. peer:")
     line("peer_roboflow", results["peer_roboflow"])
     print("ratios:")
@@ -226,9 +242,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--skip-peer", action="store_true", help="skip the Roboflow peer (its venv takes a while)")
-    parser.add_argument("--skip-live", action="store_true")
+    parser.add_argument("--skip-live", action="store_true", help="skip the live cameras and the sampled figures")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs for the sampled figures' ratios")
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 32], help="RTSP camera counts at 1 fps")
     args = parser.parse_args()
-    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live)
+    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live, args.pairs, args.cameras)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_table(results)
