@@ -31,7 +31,6 @@ import json
 import signal
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ import yaml
 from bench.live_cameras import FRAMELABEL, ROOT, parse_summary, rtsp_camera
 from bench.peer_roboflow import CACHE, cached_clip, source_clip
 from bench.replay import run_replay
-from bench.timing import Sample
+from bench.timing import paired, summarise
 from pipeline.broker import EmbeddedBroker
 from pipeline.processes import stop_process
 from pipeline.sampler import Sampler, SamplingSettings
@@ -63,20 +62,6 @@ def keyframe_every_second_clip() -> Path:
     args += ["-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", str(FPS), "-keyint_min", str(FPS)]
     args += ["-sc_threshold", "0", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
     return cached_clip(CACHE / f"bunny_720p25_gop1s_{CLIP_SECONDS}s.mp4", args)
-
-
-def paired(ours: Callable[[], dict[str, float]], baseline: Callable[[], dict[str, float]], pairs: int) -> list[Any]:
-    """`pairs` interleaved measurements: [(ours, baseline), …]."""
-    return [(ours(), baseline()) for _ in range(pairs)]
-
-
-def summarise(pairs: list[Any], key: str, digits: int = 3) -> dict[str, Any]:
-    """Median [spread] of `key` for ours, for the baseline, and of the ratio ours/baseline pair by pair."""
-    return {
-        "ours": Sample.of([ours[key] for ours, _ in pairs]).as_json(digits),
-        "baseline": Sample.of([baseline[key] for _, baseline in pairs]).as_json(digits),
-        "ratio": Sample.of([ours[key] / baseline[key] for ours, baseline in pairs]).as_json(3),
-    }
 
 
 def decode_once(clip: Path, source: dict[str, Any]) -> dict[str, float]:
