@@ -41,6 +41,7 @@ from services.errors import ConfigError
 
 MAX_REORDERED_FRAMES = 16  # H.264/HEVC hold at most 16 frames back for reordering (the DPB's size)
 LibraryError = av.error.FFmpegError  # what PyAV raises for a stream it cannot open, read or decode
+CorruptData = av.error.InvalidDataError  # among them: data the decoder cannot make sense of
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ def open_video(
     SourceError starting with `name` when it cannot be opened or holds no video."""
     try:
         container = av.open(uri, options=dict(options), timeout=timeout)
-    except av.error.InvalidDataError as exc:
+    except CorruptData as exc:
         raise SourceError(f"{name}: not a video FFmpeg can read") from exc
     except LibraryError as exc:
         raise SourceError(f"{name}: {exc.strerror or exc}") from exc

@@ -35,7 +35,7 @@ import cv2
 from pipeline.frames import DeliveryPolicy
 from pipeline.sampler import SamplingSettings
 from pipeline.sources._ffmpeg import open_capture, use_rtsp_transport
-from pipeline.sources._pyav import LibraryError, SparseDecoder, open_video, uses_pyav
+from pipeline.sources._pyav import CorruptData, LibraryError, SparseDecoder, open_video, uses_pyav
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
 from pipeline.sources._types import SourceError, SourceSettings
 from services.errors import ConfigError
@@ -192,7 +192,13 @@ class CameraSource(ThreadedSource):
             for packet in container.demux(stream):
                 if handoff.stopped or not reader.expect_frame():
                     return "closed", streamed
-                for frame in decoder.push(packet):
+                try:
+                    frames = decoder.push(packet)
+                except CorruptData as exc:  # a packet damaged on the way (UDP loss): the next keyframe mends it
+                    self.stats.errors += 1
+                    self.stats.last_error = f"a damaged packet: {exc}"
+                    continue
+                for frame in frames:
                     streamed = True
                     handoff.put(self._new_frame(frame.pixels, frame.position_ms, frame.number))
             return "the stream ended", streamed
