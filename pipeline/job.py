@@ -182,7 +182,7 @@ def exit_status(reports: RunReports, gave_up: bool) -> ExitStatus:
 
 async def run_job(config: RunConfig, console: Console) -> int:
     """Run until the sources end or a signal stops the run; the exit status. Start-up failures raise."""
-    sources = [open_source(c.id, c.uri, c) for c in config.sources]
+    sources = [open_source(c.id, c.uri, c, c) for c in config.sources]
     metrics = PipelineMetrics()
     reports = RunReports(sources, metrics)
     metrics.watch(reports)

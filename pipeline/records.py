@@ -6,7 +6,7 @@ One record per annotated frame:
     value      the AnnotationResponse: protobuf binary, or the protobuf JSON mapping with the
                API reference's field names (`request_id`, `classifier_specification`) and enum names
     timestamp  the frame's capture time, ms since the epoch
-    headers    UTF-8 strings: source_id, frame_index, media_position_ms (video files only),
+    headers    UTF-8 strings: source_id, frame_index, media_position_ms (files, PyAV cameras),
                file_name (image folders only), capture_time_ms, content_type, image_width, image_height
 
 A Python consumer needs three lines:
@@ -64,7 +64,7 @@ class KafkaRecord:
 class DecodedRecord:
     source_id: str
     frame_index: int
-    media_position_ms: float | None  # None for cameras and still images
+    media_position_ms: float | None  # None for images, and for cameras unless PyAV read them
     capture_time_ms: int  # from the header: the capture time even when the topic stamps LogAppendTime
     timestamp_ms: int  # the record's own timestamp (the capture time under the default CreateTime)
     image_width: int

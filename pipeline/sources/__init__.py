@@ -8,6 +8,10 @@ The URI picks the kind and with it the delivery policy:
     a directory, or a glob with * ? [                      image_folder.ImageFolderSource REPLAY
     anything else                                          video_file.VideoFileSource     REPLAY
 
+Video files and streams decode with PyAV when the source samples with `fps`
+or `keyframes`, so that the frames sampled out are never decoded, and with
+OpenCV otherwise (cheaper per frame decoded); `decoder` overrides the choice. Local devices always use OpenCV.
+
 A source is an async context manager that owns its reader threads: leaving
 the block closes it. open_source() does no I/O: a missing or unreadable input raises `SourceError`
 from the first step of `frames()`. `total_frames` probes a file or lists a
@@ -22,6 +26,7 @@ from collections.abc import AsyncGenerator
 from typing import Protocol, Self
 
 from pipeline.frames import DeliveryPolicy, Frame
+from pipeline.sampler import SamplingSettings
 from pipeline.sources._types import SourceError, SourceSettings, SourceStats
 from pipeline.sources.camera import CameraSource, is_camera
 from pipeline.sources.image_folder import ImageFolderSource, is_glob
@@ -70,11 +75,14 @@ def source_policy(uri: str) -> DeliveryPolicy:
     return _source_class(uri).policy
 
 
-def open_source(source_id: str, uri: str, settings: SourceSettings) -> Source:
-    """The source for `uri`, not yet reading: iterate `frames()` to start it, `close()` to stop it."""
+def open_source(source_id: str, uri: str, settings: SourceSettings, sampling: SamplingSettings | None = None) -> Source:
+    """The source for `uri`, not yet reading: iterate `frames()` to start it, `close()` to stop it.
+
+    `sampling` lets a video file or a stream decode only the frames it keeps (see `SourceSettings.decoder`);
+    ConfigError if the decoder cannot apply it (keyframes from a local device, say)."""
     if not source_id:
         raise ValueError("a source id must not be empty")
-    return _source_class(uri)(source_id, uri, settings)
+    return _source_class(uri)(source_id, uri, settings, sampling or SamplingSettings())
 
 
 __all__ = ["Source", "SourceError", "SourceSettings", "SourceStats", "open_source", "source_policy"]
