@@ -179,6 +179,19 @@ async def _consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events(args: argparse.Namespace) -> int:
+    from pipeline.events.command import load_events_config, run_events
+
+    flags = {
+        "bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP),
+        "input_topic": args.input_topic,
+        "topic": args.topic,
+        "group": args.group,
+        "delivery": args.delivery,
+    }
+    return asyncio.run(run_events(*load_events_config(args.config, flags)))
+
+
 def _broker(args: argparse.Namespace) -> int:
     from pipeline.broker import run_broker
 
@@ -251,6 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument("--min-confidence", type=float, metavar="X", help="drop annotations below X")
     consume.add_argument("--idle-timeout", type=float, metavar="S", help="stop when no record came for S seconds")
     consume.set_defaults(handler=lambda args: asyncio.run(_consume(args)))
+
+    events = commands.add_parser("events", help="turn annotation records into start/update/end events, on a topic")
+    events.add_argument("config", nargs="?", type=Path, help="a run YAML: its `kafka:` and `events:` sections")
+    events.add_argument(
+        "--bootstrap", help=f"Kafka bootstrap servers (default: the config's, or {DEFAULT_CONSUME_BOOTSTRAP})"
+    )
+    events.add_argument(
+        "--input-topic", help=f"the annotations topic (default: the config's kafka.topic, or {DEFAULT_TOPIC})"
+    )
+    events.add_argument("--topic", help="the events topic (default: framelabel.events)")
+    events.add_argument("--group", help="consumer group (default: framelabel-events)")
+    events.add_argument(
+        "--delivery",
+        choices=["auto", "exactly-once", "at-least-once"],
+        help="auto (default): exactly once where the broker has transactions, else at least once",
+    )
+    events.set_defaults(handler=_events)
 
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
     broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default: 9092; 0 picks a free one)")
