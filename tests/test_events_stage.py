@@ -22,10 +22,11 @@ from pipeline.records import encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
 from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker
-from tests.kafka import EPOCH_MS, kafka_broker
+from tests.kafka import kafka_broker
 
 START, END = AnnotationEvent.START, AnnotationEvent.END
 FRAME_MS = 40  # 25 fps of capture time
+EPOCH_MS = int(time.time() * 1000)  # recent: a broker's retention deletes records stamped a week ago
 RULES = {
     "rules": [{"match": "*", "enter_threshold": 0.5, "exit_threshold": 0.3, "window_frames": 3, "grace_seconds": 0.2}],
     "batch_records": 40,
@@ -166,24 +167,28 @@ async def test_events_on_tansu_are_at_least_once_and_a_restart_resumes(tmp_path:
 
 async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp_path: Path) -> None:
     frames = [frame for source in ("a", "b", "c") for frame in scene_changes(source, 0, 400, period=30)]
-    random.Random(7).shuffle(frames)
     frames.sort(key=lambda frame: frame.info.index)  # the sources interleaved, each in its own order
     with noida_broker(tmp_path / "noida") as broker:
         await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=3))
         await publish(broker.address, "frames", frames)
-        config_file = write_config(tmp_path, broker.address, "frames", delivery="exactly-once")
+        # small transactions, so that the kills land in the middle of the work
+        config_file = write_config(tmp_path, broker.address, "frames", delivery="exactly-once", batch_records=10)
         config = EventsConfig.model_validate(RULES | {"input_topic": "frames"})
         expected = expected_events(config, frames)
-        kills = random.Random(int(time.time()))
-        for _ in range(5):
+        kills = random.Random()
+        seen_at_kills = []
+        async with EventReader(broker.address, "frames.events") as reader:
+            for _ in range(5):
+                with framelabel_process("events", str(config_file)) as stage:
+                    await wait_for_line(stage, "exactly once (Kafka transactions)")
+                    await asyncio.sleep(kills.uniform(0.0, 1.0))  # a random point of its work, not a synchronisation
+                    stage.process.kill()
+                    stage.finish()
+                seen_at_kills.append(len(reader.events))
             with framelabel_process("events", str(config_file)) as stage:
                 await wait_for_line(stage, "exactly once (Kafka transactions)")
-                await asyncio.sleep(kills.uniform(0.0, 1.5))  # a random point of its work, not a synchronisation
-                stage.process.kill()
-                stage.finish()
-        async with EventReader(broker.address, "frames.events") as reader:
-            with framelabel_process("events", str(config_file)) as stage:
-                await eventually(lambda: len(reader.events) >= len(expected), f"{len(expected)} events", within_s=120)
+                await eventually(lambda: len(reader.events) >= len(expected), f"{len(expected)} events")
                 assert stage.finish(signal.SIGTERM) == 0
         assert len(expected) > 60
+        assert any(0 < seen < len(expected) for seen in seen_at_kills), seen_at_kills  # killed mid-work
         assert in_order(reader.events) == in_order(expected)

@@ -40,15 +40,29 @@ def events_section(raw: Any, kafka: KafkaSettings) -> dict[str, Any]:
 
 
 async def run_events(kafka: KafkaSettings, config: EventsConfig) -> int:
-    """Run the stage until a stop signal; the batch under way is written before it ends."""
+    """Run the stage until a stop signal: while starting it stops at once, later after the batch under way."""
     loop = asyncio.get_running_loop()
-    async with EventsStage(kafka, config) as stage:
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, stage.stop)
-        try:
+    main = asyncio.current_task()
+    stage = EventsStage(kafka, config)
+    started = False
+
+    def stop() -> None:
+        if started:
+            stage.stop()
+        elif main is not None:
+            main.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    try:
+        async with stage:
+            started = True
             await stage.run()
-        finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
-        log.info("events: stopped after %d annotations, %d event messages", stage.processed, stage.published)
+    except asyncio.CancelledError:
+        log.info("events: stopped while starting")
+        return 0
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    log.info("events: stopped after %d annotations, %d event messages", stage.processed, stage.published)
     return 0
