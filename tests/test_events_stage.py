@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from pipeline.consumer import consume
 from pipeline.events.record import decode_event, is_event_record
 from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EventTracker, Observation
@@ -22,7 +23,7 @@ from pipeline.records import encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
 from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker
-from tests.kafka import kafka_broker
+from tests.kafka import QUIET_S, connection, kafka_broker
 
 START, END = AnnotationEvent.START, AnnotationEvent.END
 FRAME_MS = 40  # 25 fps of capture time
@@ -159,6 +160,8 @@ async def test_events_on_tansu_are_at_least_once_and_a_restart_resumes(tmp_path:
                 assert stage.finish(signal.SIGTERM) == 0
         # nothing read twice after the restart: it went on from the committed offsets
         assert in_order(reader.events) == in_order(expected)
+        consumed = consume(connection(broker.address, "frames.events"), from_beginning=True, idle_timeout_s=QUIET_S)
+        assert in_order([event async for event in consumed]) == in_order(reader.events)  # the API decodes events too
         offline = [(e.source_id, e.label) for e in reader.events if e.end_reason == AnnotationEvent.SOURCE_OFFLINE]
         assert sorted(offline) == [("gate", "cat"), ("gate", "dog"), ("yard", "dog")]
         gate = [(e.label, AnnotationEvent.State.Name(e.state)) for e in reader.events if e.source_id == "gate"]
