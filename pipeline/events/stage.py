@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.events.record import encode_event
 from pipeline.events.settings import EventsConfig
-from pipeline.events.tracker import EndReason, EventTracker, Observation
+from pipeline.events.tracker import EventTracker, Observation
 from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, unreachable
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
@@ -57,7 +57,7 @@ class EventsError(FramelabelError):
 
 
 class EventsStage:
-    """`async with` it, then `await run()` until `stop()`; `close_sources` ends sources the caller knows ended."""
+    """`async with` it, then `await run()` until `stop()`."""
 
     def __init__(self, connection: KafkaConnection, config: EventsConfig) -> None:
         self._connection = connection
@@ -152,15 +152,6 @@ class EventsStage:
             messages += self._close_silent(touched)
             if messages or touched or offsets:
                 await self._write(messages, touched, offsets)
-
-    async def close_sources(self, source_ids: Iterable[str], reason: EndReason) -> None:
-        """End the open events of sources that are known to have ended (a replay's end, a stopped run)."""
-        touched = set(source_ids) & set(self._tracker.sources)
-        messages = [
-            message for source_id in sorted(touched) for message in self._tracker.close_source(source_id, reason)
-        ]
-        if touched:
-            await self._write(messages, touched, {})
 
     async def close(self) -> None:
         consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
