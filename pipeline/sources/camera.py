@@ -42,7 +42,8 @@ from services.errors import ConfigError
 
 log = logging.getLogger("framelabel.sources")
 
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+# streams FFmpeg reads live: a URL with one of these schemes is a camera
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "rtp", "tcp", "http", "https"})
 RTSP_SCHEMES = frozenset({"rtsp", "rtsps"})
 DEVICE = re.compile(r"\d+|/dev/video\d+")  # a device index, or a V4L2 device path
 CREDENTIALS = re.compile(r"(?<=://)[^/]*@")  # user:password@ (up to the last @ of the authority)
