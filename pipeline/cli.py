@@ -31,6 +31,7 @@ from services.imaging import ImageLimits, sniff_format
 log = logging.getLogger("framelabel")
 
 LIBRARY_REPEAT_SECONDS = 10.0
+OPENCV_FFMPEG_LOG_LEVEL = "OPENCV_FFMPEG_LOGLEVEL"  # read once, at OpenCV's first FFmpeg open
 DEFAULT_CONSUME_BOOTSTRAP = "127.0.0.1:9092"
 
 
@@ -74,6 +75,11 @@ def _setup_logging(level: str) -> None:
             handler.addFilter(_not_reported_by_us)
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    # FFmpeg's own lines ("[tcp @ 0x…] Connection to … failed") repeat, in its words, what framelabel says
+    # of each reconnect: OpenCV's FFmpeg stays quiet (panics only) unless debugging. PyAV's FFmpeg logs
+    # nothing by default, and stays so: PyAV warns that its log forwarding can deadlock reader threads.
+    if level != "debug":
+        os.environ.setdefault(OPENCV_FFMPEG_LOG_LEVEL, "0")
 
 
 def _serve(args: argparse.Namespace) -> int:
