@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.encoder import EncoderSettings
-from pipeline.kafka import KafkaSettings
+from pipeline.events.settings import EventsConfig, events_section
+from pipeline.kafka import DEFAULT_TOPIC, KafkaSettings
 from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings
 from services.config import StrictModel, read_yaml, resolve_paths, validate
@@ -73,6 +74,7 @@ class RunConfig(StrictModel):
     annotator: AnnotatorConfig = AnnotatorConfig()
     kafka: KafkaSettings = KafkaSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
+    events: EventsConfig | None = None  # the events stage beside the run, reading what it publishes
 
     @model_validator(mode="after")
     def _unique_source_ids(self) -> RunConfig:
@@ -118,6 +120,8 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         annotator["tls"] = True
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
+    if data.get("events") is not None:
+        data["events"] = events_section(data["events"], data["kafka"].get("topic", DEFAULT_TOPIC))
     return validate(RunConfig, data, str(path or "run defaults"))
 
 

@@ -33,6 +33,7 @@ from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import AnnotatorConfig, RunConfig
+from pipeline.events.in_run import events_in_run
 from pipeline.frames import DeliveryPolicy
 from pipeline.kafka import EMBEDDED, KafkaSettings
 from pipeline.publisher import Publisher, PublishError
@@ -213,6 +214,7 @@ async def _run(
         settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
         annotator = await stack.enter_async_context(build_annotator(config.annotator))
         publisher = await stack.enter_async_context(Publisher(settings, reports))
+        events = await stack.enter_async_context(events_in_run(settings, config.events))
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
         signals.running(functools.partial(_stop, runner, publisher, settings))
         settle_heap()
@@ -231,6 +233,9 @@ async def _run(
                 await publisher.flush()
             except PublishError as exc:
                 log.error("%s", exc)
+        if events is not None:
+            published = {r.source_id: r.last_published.index for r in reports.by_source.values() if r.last_published}
+            await events.finish(published, stopped=signals.received > 0)
 
 
 def _stop(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:
