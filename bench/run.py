@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import simplejpeg
 
+from bench.events import measure_events
 from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
@@ -131,6 +132,7 @@ def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> 
         if skip_peer
         else figure("Roboflow peer", lambda: measure_peer(clip, MODEL))
     )
+    results["events_stage"] = figure("events stage: throughput, lag at 10 × 25 fps", lambda: measure_events())
     add_ratios(results)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     return results
@@ -216,6 +218,8 @@ def print_table(results: dict[str, Any]) -> None:
     line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
     print("8. peer:")
     line("peer_roboflow", results["peer_roboflow"])
+    print("9. events stage (annotations/s on one core, wall and CPU; annotation → event lag at 10 × 25 fps):")
+    line("events_stage", results["events_stage"])
     print("ratios:")
     for name, value in results["ratios"].items():
         line(name, value)

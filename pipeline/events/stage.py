@@ -48,6 +48,7 @@ RESTORE_QUIET_S = 0.3
 RESTORE_GIVE_UP_S = 3.0
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
+FETCH_MAX_WAIT_MS = 50  # a fetch returns within this when there is little to read: part of every event's lag
 
 Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
@@ -107,6 +108,7 @@ class EventsStage:
             # the annotations are not written in transactions, so read_committed would add nothing (and
             # noida-db 0.2.3 hides records written without a transaction from read_committed readers)
             isolation_level="read_uncommitted",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         )
