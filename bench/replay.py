@@ -3,7 +3,11 @@
 A replay is the real CLI in a child process (`framelabel run CONFIG`) against a
 broker started apart (so its CPU is not counted as the pipeline's). Frames/s
 is published frames over the run's own processing time (first capture to last
-acknowledgement, printed in its summary title); CPU utilisation is the child's
+acknowledgement, printed in its summary title), start-up included; the steady
+rate leaves the first STEADY_SKIP of the frames out and is measured on the
+records' capture times read back from the topic (a replay's reader is held to
+the pipeline's pace by backpressure, so frames are captured as fast as they are
+published); CPU utilisation is the child's
 CPU time over its wall time and the machine's cores; peak RSS is sampled.
 """
 
@@ -29,12 +33,16 @@ from aiokafka import AIOKafkaProducer
 
 from bench.peer_roboflow import MODEL
 from pipeline.broker import EmbeddedBroker
+from pipeline.consumer import consume
+from pipeline.kafka import KafkaConnection
 from services.classifier import load_classifier
 from services.model_families import FAMILIES
 
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
 SUMMARY = re.compile(r"framelabel run: (\d+) frames in ([\d.]+)s")
 RSS_POLL_S = 0.05
+STEADY_SKIP = 0.2  # of the frames: model warm-up, the first Kafka batches, the read-ahead filling
+READ_BACK_IDLE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,14 @@ class ReplayResult:
     fps: float
     cpu_utilisation: float  # of all cores, over the child's wall time
     peak_rss_mb: float
+    cpu_seconds: float  # the child's, over its whole life
+    steady_fps: float | None  # without the first STEADY_SKIP of the frames; None when too few were read back
 
-    def as_json(self) -> dict[str, float]:
+    def as_json(self) -> dict[str, float | None]:
         return {
             "frames": self.frames,
             "fps": round(self.fps, 2),
+            "steady_fps": None if self.steady_fps is None else round(self.steady_fps, 2),
             "cpu_utilisation": round(self.cpu_utilisation, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
         }
@@ -84,7 +95,25 @@ def run_replay(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str,
     if match is None:
         raise RuntimeError(f"no summary in the output: {stdout.decode()[-400:]}")
     frames, seconds = int(match.group(1)), float(match.group(2))
-    return ReplayResult(frames, frames / seconds, cpu_seconds / wall / cores, peak_rss / 2**20)
+    steady = asyncio.run(steady_rate(broker, topic, frames))
+    return ReplayResult(frames, frames / seconds, cpu_seconds / wall / cores, peak_rss / 2**20, cpu_seconds, steady)
+
+
+async def steady_rate(broker: EmbeddedBroker, topic: str, frames: int) -> float | None:
+    """Frames per second after the first STEADY_SKIP of them, from the capture times of the records published."""
+    connection = KafkaConnection(bootstrap_servers=broker.address, topic=topic)
+    captured = sorted(
+        [
+            record.capture_time_ms
+            async for record in consume(
+                connection, from_beginning=True, max_records=frames, idle_timeout_s=READ_BACK_IDLE_S
+            )
+        ]
+    )
+    first = int(len(captured) * STEADY_SKIP)
+    if len(captured) < frames or len(captured) - first < 2 or captured[-1] == captured[first]:
+        return None
+    return (len(captured) - 1 - first) * 1000 / (captured[-1] - captured[first])
 
 
 async def naive_loop(broker: EmbeddedBroker, clip: Path, max_frames: int) -> float:

@@ -4,7 +4,7 @@ Prints one table and writes bench/results/latest.json (one key per figure,
 ratios included; a figure that could not be measured is null with a `why`).
 Each figure is the median of repeated runs with its spread [min–max].
 
-    python -m bench.run [--repeats N] [--live-seconds S] [--skip-peer] [--skip-live]
+    python -m bench.run [--repeats N] [--live-seconds S] [--pairs N] [--cameras N …] [--skip-peer] [--skip-live]
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
+from bench.sampled import measure_sampled
 from bench.service_load import measure_service, serving
 from bench.stages import SMALL, cores, measure_stages
-from bench.timing import Sample
+from bench.timing import Sample, paired, summarise
 from pipeline.broker import EmbeddedBroker
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -43,12 +44,24 @@ def small_clip(clip: Path) -> Path:
 def replays(measure: Callable[[], ReplayResult], repeats: int) -> dict[str, Any]:
     results = [measure() for _ in range(repeats)]
     fps = Sample.of([r.fps for r in results])
+    steady = [r.steady_fps for r in results if r.steady_fps is not None]
     return {
         "fps": fps.as_json(2),
+        "steady_fps": Sample.of(steady).as_json(2) if steady else None,
         "cpu_utilisation": Sample.of([r.cpu_utilisation for r in results]).as_json(),
         "peak_rss_mb": Sample.of([r.peak_rss_mb for r in results]).as_json(1),
         "frames": results[0].frames,
     }
+
+
+def replay_rates(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str) -> dict[str, float]:
+    """One replay's steady-state rate as `fps` (its start-to-end rate when the steady one is missing)."""
+    result = run_replay(broker, clip, cores, *extra_args)
+    return {"fps": result.steady_fps or result.fps, "start_to_end_fps": result.fps}
+
+
+def naive_rate(broker: EmbeddedBroker, clip: Path) -> dict[str, float]:
+    return {"fps": run_naive(broker, clip, 300)}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -66,14 +79,17 @@ def figure(name: str, measure: Callable[[], Any]) -> Any:
         return {"value": None, "why": f"{type(exc).__name__}: {exc}"}
 
 
-def median_fps(entry: Any) -> float | None:
+def median_fps(entry: Any, rate: str = "fps") -> float | None:
+    """The median start-to-end rate (`fps`) or steady-state rate (`steady_fps`) of a replay figure."""
     try:
-        return float(entry["fps"]["median"])
+        return float(entry[rate]["median"])
     except (KeyError, TypeError):
         return None
 
 
-def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> dict[str, Any]:
+def run(
+    repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool, pairs: int, cameras: list[int]
+) -> dict[str, Any]:
     core_count = cores()
     clip = looped_clip(500)
     clip_4x = looped_clip(2000)
@@ -99,6 +115,10 @@ def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> 
             "replay 720p, downscaled, imagenet-int8",
             lambda: replays(lambda: run_replay(broker, clip, core_count, "--classifier", "imagenet-int8"), repeats),
         )
+        results["replay_720p_downscaled_objects"] = figure(
+            "replay 720p, downscaled, objects",
+            lambda: replays(lambda: run_replay(broker, clip, core_count, "--classifier", "objects"), repeats),
+        )
         results["replay_640x360_source"] = figure(
             "replay of a 640×360 clip", lambda: replays(lambda: run_replay(broker, clip_small, core_count), repeats)
         )
@@ -108,10 +128,27 @@ def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> 
         results["naive_loop_fps"] = figure(
             "naive loop", lambda: Sample.of([run_naive(broker, clip, 300) for _ in range(repeats)]).as_json(2)
         )
+        results["paired_replay_to_naive_loop"] = figure(
+            "replay and naive loop, interleaved pairs",
+            lambda: summarise(
+                paired(lambda: replay_rates(broker, clip, core_count), lambda: naive_rate(broker, clip), pairs), "fps"
+            ),
+        )
         with serving("classifier: imagenet\n") as address:
             results["replay_grpc_720p_downscaled"] = figure(
                 "replay through the gRPC service",
                 lambda: replays(lambda: run_replay(broker, clip, core_count, "--target", address), repeats),
+            )
+            results["paired_grpc_to_in_process"] = figure(
+                "gRPC and in-process replays, interleaved pairs",
+                lambda: summarise(
+                    paired(
+                        lambda: replay_rates(broker, clip, core_count, "--target", address),
+                        lambda: replay_rates(broker, clip, core_count),
+                        pairs,
+                    ),
+                    "fps",
+                ),
             )
 
     jpeg = sample_jpeg(clip)
@@ -126,6 +163,14 @@ def run(repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool) -> 
         {"value": None, "why": "skipped (--skip-live)"}
         if skip_live
         else figure("live cameras", lambda: measure_live(live_seconds))
+    )
+    results["sampled"] = (
+        {"value": None, "why": "skipped (--skip-live)"}
+        if skip_live
+        else figure(
+            "sampled decoding: a file and RTSP cameras at 1 fps",
+            lambda: measure_sampled(pairs, cameras, 15.0, core_count),
+        )
     )
     results["peer_roboflow"] = (
         {"value": None, "why": "skipped (--skip-peer)"}
@@ -158,9 +203,23 @@ def add_ratios(results: dict[str, Any]) -> None:
         "downscaled_to_naive_loop": ratio(downscaled, naive),
         "downscaled_to_roboflow_peer": ratio(downscaled, peer),
         "downscaled_int8_to_roboflow_peer": ratio(median_fps(results["replay_720p_downscaled_int8"]), peer),
+        "replay_objects_to_imagenet": ratio(median_fps(results["replay_720p_downscaled_objects"]), downscaled),
+        "replay_objects_to_ceiling": ratio(
+            median_fps(results["replay_720p_downscaled_objects"]), results["ceiling_fps"]["640x360_objects"]
+        ),
         "grpc_to_in_process": ratio(median_fps(results["replay_grpc_720p_downscaled"]), downscaled),
         "service_batched_c16_to_c1": _service_ratio(service[0]),
         "service_unbatched_c16_to_c1": _service_ratio(service[1]),
+        "steady_state_replay_720p_downscaled_to_ceiling": ratio(
+            median_fps(results["replay_720p_downscaled"], "steady_fps"), results["ceiling_fps"]["640x360"]
+        ),
+        "steady_state_downscaled_to_naive_loop": ratio(
+            median_fps(results["replay_720p_downscaled"], "steady_fps"), naive
+        ),
+        "steady_state_grpc_to_in_process": ratio(
+            median_fps(results["replay_grpc_720p_downscaled"], "steady_fps"),
+            median_fps(results["replay_720p_downscaled"], "steady_fps"),
+        ),
         "peak_rss_4x_clip_to_1x": ratio(
             _peak_rss(results["replay_rss_4x_longer_clip"]), _peak_rss(results["replay_720p_downscaled"])
         ),
@@ -198,6 +257,7 @@ def print_table(results: dict[str, Any]) -> None:
         "replay_720p_full_frames",
         "replay_720p_downscaled",
         "replay_720p_downscaled_int8",
+        "replay_720p_downscaled_objects",
         "replay_640x360_source",
         "replay_rss_4x_longer_clip",
         "replay_grpc_720p_downscaled",
@@ -208,7 +268,8 @@ def print_table(results: dict[str, Any]) -> None:
         else:
             line(
                 key,
-                f"{entry['fps']} fps, cpu {entry['cpu_utilisation']['median']}, rss {entry['peak_rss_mb']['median']}",
+                f"{entry['fps']} fps start to end, {entry['steady_fps']} steady, "
+                f"cpu {entry['cpu_utilisation']['median']}, rss {entry['peak_rss_mb']['median']}",
             )
     line("naive_loop_fps", results["naive_loop_fps"])
     print("6. service alone (requests/s, p50/p99 ms):")
@@ -216,11 +277,19 @@ def print_table(results: dict[str, Any]) -> None:
         line(mode, results[mode])
     print("7. live:")
     line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
+    print("7b. sampled at 1 fps (ours: PyAV decoding only what is kept; baseline: OpenCV decoding every frame);")
+    print("    median [min–max] over interleaved pairs, ratio = ours / baseline pair by pair:")
+    sampled = results["sampled"]
+    for key, value in sampled.items():
+        line(key, value)
     print("8. peer:")
     line("peer_roboflow", results["peer_roboflow"])
     print("9. events stage (annotations/s on one core, wall and CPU; annotation → event lag at 10 × 25 fps):")
     line("events_stage", results["events_stage"])
-    print("ratios:")
+    print("ratios from interleaved pairs (steady-state replays), median [min–max] of ours / baseline:")
+    for key in ("paired_replay_to_naive_loop", "paired_grpc_to_in_process"):
+        line(key, results[key])
+    print("ratios of medians (not paired; replays at the steady state where it says so):")
     for name, value in results["ratios"].items():
         line(name, value)
 
@@ -230,9 +299,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--live-seconds", type=float, default=60.0)
     parser.add_argument("--skip-peer", action="store_true", help="skip the Roboflow peer (its venv takes a while)")
-    parser.add_argument("--skip-live", action="store_true")
+    parser.add_argument("--skip-live", action="store_true", help="skip the live cameras and the sampled figures")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs for the sampled figures' ratios")
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 32], help="RTSP camera counts at 1 fps")
     args = parser.parse_args()
-    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live)
+    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live, args.pairs, args.cameras)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_table(results)

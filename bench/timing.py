@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,19 @@ def wall_ms_per_call(call: Callable[[], object], calls: int) -> float:
     for _ in range(calls):
         call()
     return (time.perf_counter() - started) / calls * 1000.0
+
+
+def paired(
+    ours: Callable[[], dict[str, float]], baseline: Callable[[], dict[str, float]], pairs: int
+) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """`pairs` interleaved measurements — ours, the baseline, ours, … — so that drift hits both alike."""
+    return [(ours(), baseline()) for _ in range(pairs)]
+
+
+def summarise(pairs: list[tuple[dict[str, float], dict[str, float]]], key: str, digits: int = 3) -> dict[str, Any]:
+    """Median [spread] of `key` for ours, for the baseline, and of the ratio ours/baseline pair by pair."""
+    return {
+        "ours": Sample.of([ours[key] for ours, _ in pairs]).as_json(digits),
+        "baseline": Sample.of([baseline[key] for _, baseline in pairs]).as_json(digits),
+        "ratio": Sample.of([ours[key] / baseline[key] for ours, baseline in pairs]).as_json(3),
+    }

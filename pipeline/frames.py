@@ -24,10 +24,13 @@ class DeliveryPolicy(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class FrameInfo:
     source_id: str
-    index: int  # 0-based, among every frame the source read (sampled out or not)
+    index: int  # 0-based, among every frame of the source (sampled out or not, decoded or not)
     capture_time_ms: int  # wall clock, ms since the epoch: the Kafka record's timestamp
     captured_at: float  # time.monotonic() at capture, for capture→published latency
-    media_position_ms: float | None = None  # position in a video file; None for cameras and images
+    # position in a video file, or on a camera stream's own clock when PyAV reads it; None otherwise
+    media_position_ms: float | None = None
+    file_name: str | None = None  # the image's path as listed, for image folders
+    decode_seconds: float = 0.0  # the reader thread's CPU time for this frame (waiting on a camera not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +53,4 @@ class AnnotatedFrame:
     response: AnnotationResponse
     width: int
     height: int
+    jpeg: bytes = b""  # the image that was annotated, for the live view (shared with the request, not a copy)

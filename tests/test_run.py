@@ -217,7 +217,8 @@ async def test_rtsp_camera_stopped_and_started_again_is_reconnected(broker: Embe
     records = [r for r in await read_topic(broker.address, "frames") if r.source_id == "gate"]
     indexes = [r.frame_index for r in records]
     assert indexes == sorted(indexes)  # frame order holds across the reconnect
-    assert all(r.media_position_ms is None for r in records)
+    # sampled with fps, so read by PyAV: positions on the stream's own clock, but for a first frame without one
+    assert sum(r.media_position_ms is None for r in records) <= 2  # one per connection at most
 
 
 async def wait_for_a_record_captured_after(broker: EmbeddedBroker, source_id: str, after_ms: int) -> None:
@@ -252,7 +253,8 @@ async def test_http_mjpeg_camera_publishes_fresh_frames(
     records = await read_topic(broker.address, "frames")
 
     assert {r.source_id for r in records} == {"lobby"}
-    assert all(r.media_position_ms is None for r in records)  # a camera's frames, not a file's
+    # sampled with fps, so read by PyAV: positions on the stream's own clock, but for a first frame without one
+    assert sum(r.media_position_ms is None for r in records) <= 1
     assert len(records) == summary["published"]
     assert [r.frame_index for r in records] == sorted({r.frame_index for r in records})  # in capture order
     captured = [r.capture_time_ms for r in records]

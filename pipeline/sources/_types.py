@@ -25,9 +25,12 @@ class SourceStats:
     """Counters a source updates as it reads, for the runner's progress and summary."""
 
     read: int = 0  # frames read from the source
+    decoded: int = 0  # frames decoded; with PyAV and sampling, only those kept and the ones they refer to
     dropped: int = 0  # LIVE only: frames overwritten before anyone took them (freshness policy)
     errors: int = 0  # corrupt frames / undecodable images skipped, failed opens
+    skipped: int = 0  # images that could not be read, left out of the replay (each named in the log)
     reconnects: int = 0  # LIVE only
+    streaming: bool = False  # frames are coming: set by each frame, cleared when a camera reconnects
     last_error: str | None = None
 
 
@@ -49,6 +52,9 @@ class SourceSettings(StrictModel):
     # FFmpeg decoder threads: 1 spends the least CPU per frame (~16 % less than 2 at 720p H.264 here),
     # which matters when decoding shares the cores with inference; 0 lets FFmpeg choose
     decode_threads: Annotated[int, Field(ge=0)] = 1
+    # pyav: decode only the frames the sampling keeps (see _pyav); opencv: decode every frame (cheaper per
+    # frame decoded); auto: pyav with `fps` or `keyframes`, opencv otherwise
+    decoder: Literal["auto", "pyav", "opencv"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceSettings:

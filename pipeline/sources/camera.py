@@ -14,8 +14,13 @@ frame, and starts another (the stuck thread ends once its call returns).
 Everything blocking runs in these threads, so a dead camera never holds up
 other sources.
 
-RTSP goes over `rtsp_transport` (TCP by default), which is one setting for the
-whole process: see `_ffmpeg`.
+A sampled stream (`fps`, `keyframes`, `every_nth`) is read with PyAV, which
+decodes only the frames the sampling keeps (see `_pyav`); its frames carry
+their position on the stream's own clock (`media_position_ms`, from its
+timestamps; it starts again after a reconnect) and their number in the
+stream. A stream that keeps every frame is read with OpenCV. RTSP goes over
+`rtsp_transport` (TCP by default): per camera with PyAV, but one setting for
+the whole process with OpenCV (see `_ffmpeg`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ import time
 import cv2
 
 from pipeline.frames import DeliveryPolicy
+from pipeline.sampler import SamplingSettings
 from pipeline.sources._ffmpeg import open_capture, use_rtsp_transport
+from pipeline.sources._pyav import CorruptData, LibraryError, SparseDecoder, open_video, uses_pyav
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
-from pipeline.sources._types import SourceSettings
+from pipeline.sources._types import SourceError, SourceSettings
+from services.errors import ConfigError
 
 log = logging.getLogger("framelabel.sources")
 
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+# streams FFmpeg reads live: a URL with one of these schemes is a camera
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "rtp", "tcp", "http", "https"})
 RTSP_SCHEMES = frozenset({"rtsp", "rtsps"})
 DEVICE = re.compile(r"\d+|/dev/video\d+")  # a device index, or a V4L2 device path
 CREDENTIALS = re.compile(r"(?<=://)[^/]*@")  # user:password@ (up to the last @ of the authority)
@@ -91,13 +100,21 @@ class _Reader:
 class CameraSource(ThreadedSource):
     policy = DeliveryPolicy.LIVE
 
-    def __init__(self, source_id: str, uri: str, settings: SourceSettings) -> None:
-        super().__init__(source_id, settings)
+    def __init__(self, source_id: str, uri: str, settings: SourceSettings, sampling: SamplingSettings) -> None:
+        super().__init__(source_id, settings, sampling)
         self.uri = uri
         self.display_uri = mask_credentials(uri)
         self._device = _device_target(uri)
+        self._pyav = uses_pyav(settings, sampling) and self._device is None
+        if self._device is not None and (sampling.keyframes or settings.decoder == "pyav"):
+            raise ConfigError(f"camera {source_id}: a local device is read with OpenCV: no `keyframes`, no pyav")
+        self._demuxer_options: dict[str, str] = {}
         if _scheme(uri) in RTSP_SCHEMES:
-            use_rtsp_transport(settings.rtsp_transport)
+            if self._pyav:
+                self._demuxer_options["rtsp_transport"] = settings.rtsp_transport
+            else:
+                use_rtsp_transport(settings.rtsp_transport)
+        self._numbered = 0  # PyAV: packets of earlier connections, so that frame numbers keep growing
         self._reader: _Reader | None = None  # the reader the watchdog watches
         self._readers_started = 0
 
@@ -130,9 +147,15 @@ class CameraSource(ThreadedSource):
 
     def _stream(self, handoff: FrameHandoff, reader: _Reader) -> tuple[str, bool]:
         """Open the camera and hand frames over until it fails; returns why it stopped and whether frames came."""
+        reader.expect_frame()
+        try:
+            return self._stream_pyav(handoff, reader) if self._pyav else self._stream_opencv(handoff, reader)
+        finally:
+            reader.rest()
+
+    def _stream_opencv(self, handoff: FrameHandoff, reader: _Reader) -> tuple[str, bool]:
         streamed = False
         capture: cv2.VideoCapture | None = None
-        reader.expect_frame()
         try:
             capture = self._open()
             if not capture.isOpened():
@@ -142,7 +165,9 @@ class CameraSource(ThreadedSource):
                 ok, pixels = capture.read()
                 if not ok:
                     return "the stream ended or a read failed", streamed
+                self.stats.decoded += 1
                 if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
+                    self._say_if_back(streamed)
                     streamed = True
                     handoff.put(self._new_frame(pixels))
             return "closed", streamed
@@ -150,9 +175,42 @@ class CameraSource(ThreadedSource):
             self.stats.errors += 1
             return f"OpenCV error: {str(exc).strip()}", streamed
         finally:
-            reader.rest()
             if capture is not None:
                 capture.release()
+
+    def _stream_pyav(self, handoff: FrameHandoff, reader: _Reader) -> tuple[str, bool]:
+        """Like _stream_opencv, but decoding only the sampled frames; any packet counts as a sign of life."""
+        streamed = False
+        timeouts = (self.settings.open_timeout_ms / 1000, self.settings.read_timeout_ms / 1000)
+        try:
+            container, stream = open_video(
+                self.uri, "could not open it", self._demuxer_options, timeouts, self.settings.decode_threads
+            )
+        except SourceError as exc:
+            self.stats.errors += 1
+            return str(exc), False
+        decoder = SparseDecoder(stream, self.sampling, self.stats, first_number=self._numbered, live=True)
+        try:
+            for packet in container.demux(stream):
+                if handoff.stopped or not reader.expect_frame():
+                    return "closed", streamed
+                try:
+                    frames = decoder.push(packet)
+                except CorruptData as exc:  # a packet damaged on the way (UDP loss): the next keyframe mends it
+                    self.stats.errors += 1
+                    self.stats.last_error = f"a damaged packet: {exc}"
+                    continue
+                for frame in frames:
+                    self._say_if_back(streamed)
+                    streamed = True
+                    handoff.put(self._new_frame(frame.pixels, frame.position_ms, frame.number))
+            return "the stream ended", streamed
+        except LibraryError as exc:
+            self.stats.errors += 1
+            return f"FFmpeg error: {exc}", streamed
+        finally:
+            self._numbered = decoder.packets
+            container.close()
 
     def _open(self) -> cv2.VideoCapture:
         if self._device is not None:
@@ -175,7 +233,13 @@ class CameraSource(ThreadedSource):
                 self._reconnecting(f"stalled: no frame for {stall_seconds:g} s", 0.0)
                 self._start_reader(handoff)
 
+    def _say_if_back(self, streamed: bool) -> None:
+        """One line when the first frame of a connection follows a reconnect."""
+        if not streamed and self.stats.reconnects:
+            log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
+
     def _reconnecting(self, cause: str, delay: float) -> None:
+        self.stats.streaming = False
         self.stats.reconnects += 1
         self.stats.last_error = cause
         log.warning("camera %s (%s): %s; reconnecting in %.1f s", self.source_id, self.display_uri, cause, delay)

@@ -18,6 +18,7 @@ import cv2
 from cv2.typing import MatLike
 
 from pipeline.frames import DeliveryPolicy
+from pipeline.sampler import SamplingSettings
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
 from pipeline.sources._types import SourceError, SourceSettings
 
@@ -48,8 +49,8 @@ def read_image(path: str) -> MatLike:
 class ImageFolderSource(ThreadedSource):
     policy = DeliveryPolicy.REPLAY
 
-    def __init__(self, source_id: str, pattern: str, settings: SourceSettings) -> None:
-        super().__init__(source_id, settings)
+    def __init__(self, source_id: str, pattern: str, settings: SourceSettings, sampling: SamplingSettings) -> None:
+        super().__init__(source_id, settings, sampling)  # every image is a keyframe: the sampler does the rest
         self.pattern = pattern
 
     @functools.cached_property
@@ -76,9 +77,10 @@ class ImageFolderSource(ThreadedSource):
             except SourceError as exc:
                 log.warning("source %s: skipping %s", self.source_id, exc)
                 self.stats.errors += 1
+                self.stats.skipped += 1
                 self.stats.last_error = str(exc)
                 continue
-            if not handoff.put(self._new_frame(pixels)):
+            if not handoff.put(self._new_frame(pixels, file_name=path)):
                 return
         handoff.end()
 

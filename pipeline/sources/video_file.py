@@ -1,24 +1,32 @@
 """Video files, replayed losslessly: every frame read is delivered, in order.
 
-Anything OpenCV's FFmpeg backend reads works. A reader thread decodes ahead
-into a bounded hand-off, so a slow consumer slows the reader and nothing is
-dropped. Each frame carries its position in the file (`media_position_ms`) and
+Anything FFmpeg reads works. A reader thread decodes ahead into a bounded
+hand-off, so a slow consumer slows the reader and nothing is dropped. Each
+frame carries its position in the file (`media_position_ms`) and
 `capture_time_ms`, the wall clock when the reader released it; with
 `realtime` that is when the frame became due, as if a camera had just taken it.
+
+A sampled replay decodes with PyAV only the frames its sampling keeps (see
+`_pyav`), seeking to the keyframe before `start_ms`; one that keeps every
+frame decodes with OpenCV. Either way the same frames are published.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import time
+from collections.abc import Generator, Iterator
 
 import cv2
 
 from pipeline.frames import DeliveryPolicy
+from pipeline.sampler import SamplingSettings
 from pipeline.sources._ffmpeg import open_capture
+from pipeline.sources._pyav import DecodedFrame, LibraryError, SparseDecoder, open_video, uses_pyav
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
 from pipeline.sources._types import SourceError, SourceSettings
 
@@ -28,9 +36,11 @@ log = logging.getLogger("framelabel.sources")
 class VideoFileSource(ThreadedSource):
     policy = DeliveryPolicy.REPLAY
 
-    def __init__(self, source_id: str, path: str, settings: SourceSettings) -> None:
-        super().__init__(source_id, settings)
+    def __init__(self, source_id: str, path: str, settings: SourceSettings, sampling: SamplingSettings) -> None:
+        super().__init__(source_id, settings, sampling)
         self.path = path
+        self._pyav = uses_pyav(settings, sampling)
+        self._numbered = 0  # frames gone through (decoded or not), over the passes: PyAV's indexes go on from it
 
     @functools.cached_property
     def total_frames(self) -> int | None:
@@ -50,24 +60,22 @@ class VideoFileSource(ThreadedSource):
         self._start_thread("reader", self._replay, handoff)
 
     def _replay(self, handoff: FrameHandoff) -> None:
-        while True:
-            capture = self._open()  # again for each pass of a loop: works for files that cannot seek, too
-            try:
-                delivered = self._replay_pass(capture, handoff)
-            finally:
-                capture.release()
+        while True:  # the file is opened again for each pass of a loop: works for files that cannot seek, too
+            numbered_before = self._numbered
+            with contextlib.closing(self._pyav_frames() if self._pyav else self._opencv_frames()) as frames:
+                delivered = self._replay_pass(frames, handoff)
             if handoff.stopped:
                 return
             if delivered == 0:
                 break  # nothing (more) in range: looping would spin
             if not self.settings.loop:
-                self._check_complete(delivered)
+                self._check_complete(self._numbered - numbered_before)
                 break
         if self.stats.read == 0:
             raise SourceError(f"video file {self.path}: no decodable video frames{self._range_text()}")
         handoff.end()
 
-    def _open(self) -> cv2.VideoCapture:
+    def _check_file(self) -> None:
         try:
             with open(self.path, "rb") as file:
                 size = os.fstat(file.fileno()).st_size
@@ -75,6 +83,9 @@ class VideoFileSource(ThreadedSource):
             raise SourceError(f"video file {self.path}: {exc.strerror or exc}") from exc
         if size == 0:
             raise SourceError(f"video file {self.path}: the file is empty")
+
+    def _open(self) -> cv2.VideoCapture:
+        self._check_file()
         try:
             capture = open_capture(self.path, [cv2.CAP_PROP_N_THREADS, self.settings.decode_threads])
         except cv2.error as exc:
@@ -83,36 +94,72 @@ class VideoFileSource(ThreadedSource):
             raise SourceError(f"video file {self.path}: not a video FFmpeg can read")
         return capture
 
-    def _replay_pass(self, capture: cv2.VideoCapture, handoff: FrameHandoff) -> int:
+    def _opencv_frames(self) -> Generator[DecodedFrame]:
+        """Every frame of one pass, decoded by OpenCV; positions counted at the file's fps where it has none."""
+        capture = self._open()
+        try:
+            if self.settings.start_ms > 0:  # frame-accurate; frames before start are skipped anyway
+                capture.set(cv2.CAP_PROP_POS_MSEC, self.settings.start_ms)
+            fps = capture.get(cv2.CAP_PROP_FPS)
+            previous_ms: float | None = None
+            while True:
+                try:
+                    ok, pixels = capture.read()
+                except cv2.error as exc:
+                    self._read_failed(exc)
+                    return
+                if not ok:
+                    return
+                self.stats.decoded += 1
+                self._numbered += 1
+                position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+                if previous_ms is not None and position_ms <= previous_ms and fps > 0:
+                    position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
+                previous_ms = position_ms
+                yield DecodedFrame(pixels, position_ms, None)
+        finally:
+            capture.release()
+
+    def _pyav_frames(self) -> Generator[DecodedFrame]:
+        """The frames of one pass that the sampling keeps, decoded by PyAV and nothing else (see `_pyav`)."""
+        self._check_file()
+        name = f"video file {self.path}"
+        container, stream = open_video(self.path, name, {}, None, self.settings.decode_threads)
+        decoder = SparseDecoder(stream, self.sampling, self.stats, self.settings.start_ms, self._numbered)
+        try:
+            if self.settings.start_ms > 0 and stream.time_base:  # to the keyframe at or before start_ms
+                offset = int(self.settings.start_ms / 1000 / stream.time_base) + (stream.start_time or 0)
+                container.seek(offset, stream=stream, backward=True)
+            for packet in container.demux(stream):
+                yield from decoder.push(packet)
+        except LibraryError as exc:
+            self._read_failed(exc)
+        finally:
+            self._numbered = decoder.packets
+            container.close()
+
+    def _read_failed(self, exc: Exception) -> None:
+        """Corrupt data the decoder gave up on: end the pass cleanly, like a truncated file, and say so."""
+        log.warning("source %s: reading %s failed: %s", self.source_id, self.path, exc)
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+
+    def _replay_pass(self, frames: Iterator[DecodedFrame], handoff: FrameHandoff) -> int:
         """Deliver the frames in [start_ms, end_ms) once; returns how many."""
         start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
-        if start_ms > 0:
-            capture.set(cv2.CAP_PROP_POS_MSEC, start_ms)  # frame-accurate; frames before start are skipped anyway
-        fps = capture.get(cv2.CAP_PROP_FPS)
         pace = _Pace() if self.settings.realtime else None
-        previous_ms: float | None = None
         delivered = 0
-        while not handoff.stopped:
-            try:
-                ok, pixels = capture.read()
-            except cv2.error as exc:  # corrupt data the decoder gave up on: end cleanly, like a truncated file
-                log.warning("source %s: reading %s failed: %s", self.source_id, self.path, exc)
-                self.stats.errors += 1
-                self.stats.last_error = str(exc)
+        for frame in frames:
+            if handoff.stopped:
                 break
-            if not ok:
-                break
-            position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
-            if previous_ms is not None and position_ms <= previous_ms and fps > 0:
-                position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
-            previous_ms = position_ms
-            if position_ms < start_ms:
+            position_ms = frame.position_ms
+            if position_ms is not None and position_ms < start_ms:
                 continue
-            if end_ms is not None and position_ms >= end_ms:
+            if end_ms is not None and position_ms is not None and position_ms >= end_ms:
                 break
-            if pace is not None and pace.wait_until_due(position_ms, handoff):
+            if pace is not None and position_ms is not None and pace.wait_until_due(position_ms, handoff):
                 break
-            if not handoff.put(self._new_frame(pixels, position_ms)):
+            if not handoff.put(self._new_frame(frame.pixels, position_ms, frame.number)):
                 break
             delivered += 1
         return delivered
@@ -131,11 +178,11 @@ class VideoFileSource(ThreadedSource):
         stop = int(count) if end_ms is None else min(int(count), math.ceil(end_ms * fps / 1000))
         return max(0, stop - first)
 
-    def _check_complete(self, delivered: int) -> None:
+    def _check_complete(self, went_through: int) -> None:
         """A file that ends before its announced frame count is truncated or corrupt: say so, and carry on."""
         expected = self.total_frames
-        if self._whole_file and expected is not None and delivered < expected:
-            message = f"video file {self.path} ended after {delivered} of {expected} frames"
+        if self._whole_file and expected is not None and went_through < expected:
+            message = f"video file {self.path} ended after {went_through} of {expected} frames"
             log.warning("source %s: %s (truncated or corrupt?)", self.source_id, message)
             self.stats.last_error = message
 

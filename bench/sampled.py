@@ -1,0 +1,217 @@
+"""Sampled sources: what decoding only the sampled frames saves, on a file and on RTSP cameras.
+
+Every ratio comes from interleaved pairs — ours (PyAV, decoding only what
+`fps: 1` keeps), then the baseline (OpenCV decoding every frame, the sampler
+keeping one a second: what framelabel did before), then ours … — and is
+reported as the median over the pairs with its spread [min–max], since the
+machine's speed drifts while other work shares it.
+
+- `decode`: decode CPU per sample in this process, reading the source alone
+  (no inference), of the file sampled at 1 fps.
+- `replay`: `framelabel run` of the same file at 1 fps: samples/s start to end,
+  and the run's CPU per sample; the share of the run's CPU that is not decoding
+  (inference, encoding, Kafka) follows from the two.
+- `cameras`: `framelabel run` of N RTSP cameras at 1 fps: the run's CPU per
+  camera over a window after a warm-up, its RSS, and the records published.
+
+The clip: bigbuckbunny.mp4 looped to 60 s and encoded once (bench/.cache/) as
+1280×720 H.264 at 25 fps with a keyframe every second and no B-frames, as many
+cameras send. Each camera is one client of tools/rtsp_camera.py, which plays
+the pre-encoded file to every client (no encoding on the server side).
+
+    .venv/bin/python -m bench.sampled [--pairs 5] [--cameras 1 8] [--window 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from bench.live_cameras import FRAMELABEL, ROOT, parse_summary, rtsp_camera
+from bench.peer_roboflow import CACHE, cached_clip, source_clip
+from bench.replay import run_replay
+from bench.timing import paired, summarise
+from pipeline.broker import EmbeddedBroker
+from pipeline.processes import stop_process
+from pipeline.sampler import Sampler, SamplingSettings
+from pipeline.sources import SourceSettings, open_source
+
+CLIP_SECONDS = 60
+FPS = 25
+SAMPLE_FPS = 1.0
+OURS = {"fps": SAMPLE_FPS}  # decoder auto: PyAV, decoding only the sampled frames
+BASELINE = {"fps": SAMPLE_FPS, "decoder": "opencv"}  # every frame decoded, the sampler keeps one a second
+WARMUP_S = 8.0  # model load, connections, the first inferences
+STOP_TIMEOUT_S = 30.0
+RSS_POLL_S = 0.1
+
+
+def keyframe_every_second_clip() -> Path:
+    """bigbuckbunny.mp4 looped to 60 s: 1280×720 H.264, 25 fps, a keyframe every second, no B-frames; cached."""
+    args = ["-stream_loop", str(CLIP_SECONDS * FPS // 132), "-i", str(source_clip()), "-an", "-t", str(CLIP_SECONDS)]
+    args += ["-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", str(FPS), "-keyint_min", str(FPS)]
+    args += ["-sc_threshold", "0", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+    return cached_clip(CACHE / f"bunny_720p25_gop1s_{CLIP_SECONDS}s.mp4", args)
+
+
+def decode_once(clip: Path, source: dict[str, Any]) -> dict[str, float]:
+    """Read the clip through its source and the sampler, nothing else; CPU ms per sample and frames decoded."""
+    settings = SourceSettings.model_validate({k: v for k, v in source.items() if k != "fps"})
+    sampling = SamplingSettings(fps=source["fps"])
+
+    async def read() -> tuple[int, int]:
+        reader = open_source("clip", str(clip), settings, sampling)
+        sampler = Sampler(sampling)
+        kept = sum([sampler.keep(frame.info) async for frame in reader.frames()])
+        return kept, reader.stats.decoded
+
+    started = time.process_time()
+    samples, decoded = asyncio.run(read())
+    cpu_ms = (time.process_time() - started) * 1000
+    return {"cpu_ms_per_sample": cpu_ms / samples, "samples": samples, "decoded": decoded}
+
+
+def replay_once(broker: EmbeddedBroker, clip: Path, cores: int, source: dict[str, Any]) -> dict[str, float]:
+    result = run_replay(broker, clip, cores, **source)
+    return {
+        "samples_per_s": result.fps,
+        "run_cpu_ms_per_sample": result.cpu_seconds * 1000 / result.frames,
+        "samples": result.frames,
+    }
+
+
+def cameras_once(
+    broker: EmbeddedBroker, url: str, count: int, source: dict[str, Any], window_s: float
+) -> dict[str, float]:
+    """`framelabel run` of `count` cameras (each its own connection to `url`); CPU and RSS over a window."""
+    config = {
+        "sources": [{"id": f"cam{i}", "uri": url, **source} for i in range(1, count + 1)],
+        "kafka": {"bootstrap_servers": broker.address, "enable_idempotence": False, "topic": "bench.sampled"},
+    }
+    with tempfile.TemporaryDirectory(prefix="framelabel-sampled-") as workdir:
+        path = Path(workdir) / "run.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with (Path(workdir) / "out").open("w+b") as out, (Path(workdir) / "err").open("w+b") as err:
+            child = psutil.Popen([str(FRAMELABEL), "run", str(path)], stdout=out, stderr=err, cwd=ROOT)
+            try:
+                time.sleep(WARMUP_S)  # a benchmark's warm-up: measured from here, whatever came before
+                before, started = child.cpu_times(), time.monotonic()
+                peak_rss = 0
+                while time.monotonic() - started < window_s and child.poll() is None:
+                    peak_rss = max(peak_rss, child.memory_info().rss)
+                    time.sleep(RSS_POLL_S)
+                after, elapsed = child.cpu_times(), time.monotonic() - started
+                load = psutil.getloadavg()[0]
+                child.send_signal(signal.SIGINT)
+                child.wait(STOP_TIMEOUT_S)
+            finally:
+                stop_process(child, STOP_TIMEOUT_S)
+            out.seek(0)
+            rows = parse_summary(out.read().decode(errors="replace"))
+            if len(rows) != count:
+                err.seek(0)
+                raise RuntimeError(f"{count} cameras: the run summarised {len(rows)}: {err.read()[-600:]!r}")
+    cpu_s = (after.user + after.system) - (before.user + before.system)
+    published = [int(row.get("published", "0")) for row in rows.values()]
+    return {
+        "cpu_ms_per_camera_s": cpu_s * 1000 / elapsed / count,
+        "run_cpu_cores": cpu_s / elapsed,
+        "peak_rss_mb": peak_rss / 2**20,
+        "min_published_per_camera": min(published),
+        "dropped": sum(int(row.get("dropped", "0")) for row in rows.values()),
+        "worst_p95_ms": max(float(row.get("p95_ms", "nan")) for row in rows.values()),  # capture→ack, whole run
+        "load_average": load,
+    }
+
+
+def measure_sampled(pairs: int, camera_counts: list[int], window_s: float, cores: int) -> dict[str, Any]:
+    clip = keyframe_every_second_clip()
+    results: dict[str, Any] = {
+        "clip": f"{clip.name}: 1280x720 H.264 25 fps, keyframe every 1 s, {CLIP_SECONDS} s",
+        "sampling": f"fps {SAMPLE_FPS:g}; ours: PyAV (decoder auto), baseline: OpenCV decoding every frame",
+        "pairs": pairs,
+        "load_average_at_start": psutil.getloadavg(),
+    }
+    decode = paired(lambda: decode_once(clip, OURS), lambda: decode_once(clip, BASELINE), pairs)
+    results["decode_cpu_ms_per_sample"] = summarise(decode, "cpu_ms_per_sample")
+    results["decoded_frames"] = {"ours": decode[0][0]["decoded"], "baseline": decode[0][1]["decoded"]}
+    with EmbeddedBroker() as broker:
+        replay = paired(
+            lambda: replay_once(broker, clip, cores, OURS), lambda: replay_once(broker, clip, cores, BASELINE), pairs
+        )
+        results["replay_samples_per_s"] = summarise(replay, "samples_per_s", 2)
+        results["replay_run_cpu_ms_per_sample"] = summarise(replay, "run_cpu_ms_per_sample", 1)
+        decode_ms = results["decode_cpu_ms_per_sample"]["ours"]["median"]
+        run_ms = results["replay_run_cpu_ms_per_sample"]["ours"]["median"]
+        results["replay_cpu_share_not_decoding"] = round(1 - decode_ms / run_ms, 3) if run_ms else None
+        with rtsp_camera(clip) as camera:
+            for count in camera_counts:
+                measured = paired(
+                    lambda count=count: cameras_once(broker, camera.url, count, OURS, window_s),
+                    lambda count=count: cameras_once(broker, camera.url, count, BASELINE, window_s),
+                    pairs if count == camera_counts[0] else 1,
+                )
+                results[f"rtsp_{count}_cameras"] = {
+                    "cpu_ms_per_camera_s": summarise(measured, "cpu_ms_per_camera_s", 1),
+                    "run_cpu_cores": summarise(measured, "run_cpu_cores", 2),
+                    "peak_rss_mb": summarise(measured, "peak_rss_mb", 1),
+                    "min_published_per_camera": [
+                        (o["min_published_per_camera"], b["min_published_per_camera"]) for o, b in measured
+                    ],
+                    "dropped": [(o["dropped"], b["dropped"]) for o, b in measured],
+                    "worst_p95_capture_to_ack_ms": [(o["worst_p95_ms"], b["worst_p95_ms"]) for o, b in measured],
+                    "load_average": [round(o["load_average"], 2) for o, _ in measured],
+                }
+    results["cameras_per_host"] = cameras_per_host(results, camera_counts, cores)
+    results["load_average_at_end"] = psutil.getloadavg()
+    return results
+
+
+def cameras_per_host(results: dict[str, Any], camera_counts: list[int], cores: int) -> dict[str, Any]:
+    """What a camera costs the run and how many `cores` dedicated cores would hold.
+
+    The cost of an added camera (CPU and RSS) is the difference between the first two counts run, divided
+    by the cameras added; the run's fixed cost is what one camera costs beyond that. The implied count is
+    (cores − fixed) ÷ added CPU per camera. The actual run is the largest count: its records and drops.
+    """
+    if len(camera_counts) < 2:
+        return {"value": None, "why": "needs two camera counts"}
+    fewer, more = camera_counts[0], camera_counts[1]
+    low, high = results[f"rtsp_{fewer}_cameras"], results[f"rtsp_{more}_cameras"]
+    figures: dict[str, Any] = {"cores": cores, "from_counts": [fewer, more]}
+    for side in ("ours", "baseline"):
+        cores_low, cores_high = low["run_cpu_cores"][side]["median"], high["run_cpu_cores"][side]["median"]
+        added = (cores_high - cores_low) / (more - fewer)
+        fixed = cores_low - added * fewer
+        figures[f"{side}_cpu_ms_per_added_camera_s"] = round(added * 1000, 1)
+        figures[f"{side}_fixed_cpu_cores"] = round(fixed, 3)
+        figures[f"{side}_implied_cameras"] = int((cores - fixed) / added) if added > 0 else None
+        rss_low, rss_high = low["peak_rss_mb"][side]["median"], high["peak_rss_mb"][side]["median"]
+        figures[f"{side}_rss_mb_per_added_camera"] = round((rss_high - rss_low) / (more - fewer), 1)
+    ours, baseline = figures["ours_implied_cameras"], figures["baseline_implied_cameras"]
+    figures["implied_ratio"] = round(ours / baseline, 2) if ours and baseline else None
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Sampled decoding: a file and RTSP cameras at 1 fps.")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs per ratio")
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 32], help="camera counts to run")
+    parser.add_argument("--window", type=float, default=15.0, help="seconds measured per camera run")
+    args = parser.parse_args()
+    with contextlib.suppress(BrokenPipeError):
+        print(json.dumps(measure_sampled(args.pairs, args.cameras, args.window, psutil.cpu_count() or 1), indent=1))
+
+
+if __name__ == "__main__":
+    main()
