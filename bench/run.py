@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import simplejpeg
 
+from bench.events import measure_events
 from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
@@ -176,6 +177,7 @@ def run(
         if skip_peer
         else figure("Roboflow peer", lambda: measure_peer(clip, MODEL))
     )
+    results["events_stage"] = figure("events stage: throughput, lag at 10 × 25 fps", lambda: measure_events())
     add_ratios(results)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     return results
@@ -282,6 +284,8 @@ def print_table(results: dict[str, Any]) -> None:
         line(key, value)
     print("8. peer:")
     line("peer_roboflow", results["peer_roboflow"])
+    print("9. events stage (annotations/s on one core, wall and CPU; annotation → event lag at 10 × 25 fps):")
+    line("events_stage", results["events_stage"])
     print("ratios from interleaved pairs (steady-state replays), median [min–max] of ours / baseline:")
     for key in ("paired_replay_to_naive_loop", "paired_grpc_to_in_process"):
         line(key, results[key])

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.encoder import EncoderSettings
-from pipeline.kafka import KafkaSettings
+from pipeline.events.settings import EventsConfig, events_section
+from pipeline.kafka import DEFAULT_TOPIC, KafkaSettings
 from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings, check_uri
 from services.config import MonitoringSettings, StrictModel, apply_metrics_flags, read_yaml, resolve_paths, validate
@@ -82,6 +83,7 @@ class RunConfig(StrictModel):
     kafka: KafkaSettings = KafkaSettings()
     metrics: MonitoringSettings = MonitoringSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
+    events: EventsConfig | None = None  # the events stage beside the run, reading what it publishes
 
     @model_validator(mode="after")
     def _unique_source_ids(self) -> RunConfig:
@@ -147,6 +149,8 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         annotator["tls"] = True
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
+    if data.get("events") is not None:
+        data["events"] = events_section(data["events"], data["kafka"].get("topic", DEFAULT_TOPIC))
     apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
     return validate(RunConfig, data, str(path or "the command line"))
 

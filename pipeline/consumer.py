@@ -113,7 +113,7 @@ async def consume(
                     if yielded == max_records:
                         await _commit(consumer, group_id, {_partition(message): message.offset + 1})
                         return
-            if fetched or not consumer.assignment():  # joining a group is not being idle
+            if fetched or not await _positioned(consumer):  # joining a group, finding offsets: not idle
                 last_record_at = time.monotonic()
             if fetched:
                 await _commit(consumer, group_id, {tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
@@ -176,3 +176,11 @@ async def _wait_for_topic(consumer: AIOKafkaConsumer, connection: KafkaConnectio
         if idle():
             return False
         await asyncio.sleep(TOPIC_WAIT_S)
+
+
+async def _positioned(consumer: AIOKafkaConsumer) -> bool:
+    """Whether partitions are assigned and their positions known (position() waits for the offset lookup)."""
+    assigned = consumer.assignment()
+    for partition in assigned:
+        await consumer.position(partition)
+    return bool(assigned)

@@ -33,6 +33,7 @@ from pipeline.annotators.grpc_client import CallObserver, GrpcAnnotator, GrpcSet
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import AnnotatorConfig, RunConfig
+from pipeline.events.in_run import events_in_run
 from pipeline.kafka import EMBEDDED, KafkaSettings
 from pipeline.live_view import LiveView
 from pipeline.metrics import PipelineMetrics
@@ -228,6 +229,7 @@ async def _run(
         publisher = await stack.enter_async_context(Publisher(settings, reports))
         readiness.kafka = True
         metrics.watch_publisher(publisher)
+        events = await stack.enter_async_context(events_in_run(settings, config.events))
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
         signals.running(functools.partial(_stop, runner, publisher, settings))
         settle_heap()
@@ -246,6 +248,9 @@ async def _run(
                 await publisher.flush()
             except PublishError as exc:
                 log.error("%s", exc)
+        if events is not None:
+            published = {r.source_id: r.last_published.index for r in reports.by_source.values() if r.last_published}
+            await events.finish(published, stopped=signals.received > 0)
 
 
 class Readiness:

@@ -22,8 +22,9 @@ from pipeline.kafka import KafkaSettings, ensure_topic
 from pipeline.records import encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
-from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker
-from tests.kafka import QUIET_S, connection, kafka_broker
+from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker, pipeline_run, write_run_config
+from tests.kafka import QUIET_S, connection, kafka_broker, read_topic
+from tests.test_run import BUNNY
 
 START, END = AnnotationEvent.START, AnnotationEvent.END
 FRAME_MS = 40  # 25 fps of capture time
@@ -31,8 +32,8 @@ EPOCH_MS = int(time.time() * 1000)  # recent: a broker's retention deletes recor
 RULES = {
     "rules": [{"match": "*", "enter_threshold": 0.5, "exit_threshold": 0.3, "window_frames": 3, "grace_seconds": 0.2}],
     "batch_records": 40,
+    "offline_after_seconds": 1.0,  # a source silent this long (on the stage's clock) is offline
 }
-OFFLINE_GRACE_S = 0.2  # a source silent this long (wall clock) has its events end as offline
 
 
 def scored_frame(source_id: str, index: int, scores: dict[str, float]) -> AnnotatedFrame:
@@ -174,8 +175,11 @@ async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp
     with noida_broker(tmp_path / "noida") as broker:
         await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=3))
         await publish(broker.address, "frames", frames)
-        # small transactions, so that the kills land in the middle of the work
-        config_file = write_config(tmp_path, broker.address, "frames", delivery="exactly-once", batch_records=10)
+        # small transactions, so that the kills land in the middle of the work; a restarted stage must not take
+        # a source whose partition it has not read yet for an offline one, however loaded the machine
+        config_file = write_config(
+            tmp_path, broker.address, "frames", delivery="exactly-once", batch_records=10, offline_after_seconds=5
+        )
         config = EventsConfig.model_validate(RULES | {"input_topic": "frames"})
         expected = expected_events(config, frames)
         kills = random.Random()
@@ -195,3 +199,34 @@ async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp
         assert len(expected) > 60
         assert any(0 < seen < len(expected) for seen in seen_at_kills), seen_at_kills  # killed mid-work
         assert in_order(reader.events) == in_order(expected)
+
+
+async def test_events_inside_a_run_end_with_the_replay(tmp_path: Path) -> None:
+    """`framelabel run` with an `events:` section, on a real clip through imagenet: the events are what the
+    rules make of the published annotations, and those open when the clip ends end with SOURCE_ENDED."""
+    rules = {"rules": [{"match": "*", "enter_threshold": 0.2, "exit_threshold": 0.1, "grace_seconds": 0.1}]}
+    async with kafka_broker() as broker:
+        sources = [{"id": "bunny", "uri": str(BUNNY), "every_nth": 2}]
+        config_file = write_run_config(tmp_path, broker.address, sources, events=rules)
+        with pipeline_run(config_file) as run:
+            assert await run.end() == 0, run.log()
+        assert "at least once" in run.log()
+        annotations = await read_topic(broker.address, "frames")
+        events = [
+            e
+            async for e in consume(
+                connection(broker.address, "framelabel.events"), from_beginning=True, idle_timeout_s=QUIET_S
+            )
+        ]
+    config = EventsConfig.model_validate(rules | {"input_topic": "frames"})
+    tracker = EventTracker(config, config.classifier_name)
+    expected = []
+    for record in annotations:
+        scores = {a.label.name: a.confidence for a in record.response.annotations}
+        expected += tracker.observe(
+            Observation(record.source_id, record.frame_index, record.capture_time_ms, True, scores)
+        )
+    expected += tracker.close_source("bunny", AnnotationEvent.SOURCE_ENDED)
+    assert len(annotations) == 66
+    assert any(e.end_reason == AnnotationEvent.SOURCE_ENDED for e in expected)
+    assert in_order(events) == in_order(expected)

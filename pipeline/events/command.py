@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import kafka_section
-from pipeline.events.settings import EventsConfig
+from pipeline.events.settings import EventsConfig, events_section
 from pipeline.events.stage import EventsStage
 from pipeline.kafka import KafkaSettings
 from services.config import read_yaml, validate
-from services.errors import ConfigError
 from services.runtime import STOP_SIGNALS
 
 log = logging.getLogger("framelabel.events")
@@ -27,16 +26,9 @@ def load_events_config(path: Path | None, flags: Mapping[str, Any]) -> tuple[Kaf
     data = read_yaml(path) if path else {}
     where = str(path) if path else "events flags"
     kafka = validate(KafkaSettings, kafka_section(data.get("kafka"), path.parent if path else Path.cwd(), flags), where)
-    events = events_section(data.get("events"), kafka)
+    events = events_section(data.get("events"), kafka.topic)
     events |= {name: flags[name] for name in ("input_topic", "topic", "group", "delivery") if flags.get(name)}
     return kafka, validate(EventsConfig, events, f"{where}: events")
-
-
-def events_section(raw: Any, kafka: KafkaSettings) -> dict[str, Any]:
-    """The `events:` mapping ready to validate: by default it reads the topic the run publishes to."""
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"events: expected a mapping, got {type(raw).__name__}")
-    return {"input_topic": kafka.topic} | dict(raw or {})
 
 
 async def run_events(kafka: KafkaSettings, config: EventsConfig) -> int:

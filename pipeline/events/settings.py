@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from pipeline.events.record import DEFAULT_EVENTS_TOPIC
 from pipeline.events.rules import EventRules
 from pipeline.kafka import DEFAULT_TOPIC
+from services.errors import ConfigError
 
 Delivery = Literal["auto", "exactly-once", "at-least-once"]
 
@@ -26,6 +27,9 @@ class EventsConfig(EventRules):
     value_format: Literal["protobuf", "json"] = "protobuf"
     partitions: Annotated[int, Field(ge=1, description="of the events topic, when it is created")] = 3
     batch_records: Annotated[int, Field(ge=1, description="annotations read, and committed, at once")] = 500
+    # no record from a source for this long (on the stage's clock) ends its events past their grace time
+    # as SOURCE_OFFLINE: longer than the gaps batching and fetching put between a live source's records
+    offline_after_seconds: Annotated[float, Field(gt=0)] = 5.0
 
     @property
     def state_topic(self) -> str:
@@ -35,3 +39,10 @@ class EventsConfig(EventRules):
     @property
     def classifier_name(self) -> str:
         return self.classifier or self.input_topic
+
+
+def events_section(raw: Any, input_topic: str) -> dict[str, Any]:
+    """The `events:` mapping ready to validate: by default it reads `input_topic`, the topic the run publishes to."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"events: expected a mapping, got {type(raw).__name__}")
+    return {"input_topic": input_topic} | dict(raw or {})

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 
 from pipeline.events.record import encode_event
 from pipeline.events.settings import EventsConfig
-from pipeline.events.tracker import EventTracker, Observation
+from pipeline.events.tracker import EndReason, EventTracker, Observation
 from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, unreachable
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
@@ -48,6 +48,7 @@ RESTORE_QUIET_S = 0.3
 RESTORE_GIVE_UP_S = 3.0
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
+FETCH_MAX_WAIT_MS = 50  # a fetch returns within this when there is little to read: part of every event's lag
 
 Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
@@ -59,9 +60,11 @@ class EventsError(FramelabelError):
 class EventsStage:
     """`async with` it, then `await run()` until `stop()`."""
 
-    def __init__(self, connection: KafkaConnection, config: EventsConfig) -> None:
+    def __init__(self, connection: KafkaConnection, config: EventsConfig, *, sole_reader: bool = False) -> None:
+        """`sole_reader`: read every partition without joining the group (as exactly-once mode always does)."""
         self._connection = connection
         self._config = config
+        self._sole_reader = sole_reader
         self._tracker = EventTracker(config, config.classifier_name)
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -69,12 +72,13 @@ class EventsStage:
         self._stopping = asyncio.Event()
         self._partition_of: dict[str, int] = {}  # source → the input partition its records (and state) live in
         self._heard_at: dict[str, float] = {}  # source → time.monotonic() of its last record, for "offline"
+        self.last_frame: dict[str, int] = {}  # source → the index of the newest frame read
         self.published = 0  # event messages written (in exactly-once mode: committed)
         self.processed = 0  # annotation records read
 
     @property
-    def mode(self) -> str:
-        return "exactly once (Kafka transactions)" if self._transactional else "at least once"
+    def topic(self) -> str:
+        return self._config.topic
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -104,6 +108,7 @@ class EventsStage:
             # the annotations are not written in transactions, so read_committed would add nothing (and
             # noida-db 0.2.3 hides records written without a transaction from read_committed readers)
             isolation_level="read_uncommitted",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             session_timeout_ms=SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         )
@@ -111,7 +116,7 @@ class EventsStage:
             await self._consumer.start()
         except KafkaError as exc:
             raise unreachable(self._connection, exc) from exc
-        if self._transactional:
+        if self._transactional or self._sole_reader:
             # One member owns every partition: the transactional id fences an older instance (a zombie), and
             # the group only keeps the offsets the transactions commit. No group membership, so a restart
             # after a crash need not wait out the dead member's session (noida-db never settles that).
@@ -153,6 +158,15 @@ class EventsStage:
             if messages or touched or offsets:
                 await self._write(messages, touched, offsets)
 
+    async def close_sources(self, source_ids: Iterable[str], reason: EndReason) -> None:
+        """End the open events of sources known to have ended (a replay's end, a stopped run)."""
+        touched = set(source_ids) & set(self._tracker.sources)
+        messages = [
+            message for source_id in sorted(touched) for message in self._tracker.close_source(source_id, reason)
+        ]
+        if touched:
+            await self._write(messages, touched, {})
+
     async def close(self) -> None:
         consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
         if consumer is not None:
@@ -170,6 +184,7 @@ class EventsStage:
         touched.add(source_id)
         self._partition_of[source_id] = record.partition
         self._heard_at[source_id] = time.monotonic()
+        self.last_frame[source_id] = max(decoded.frame_index, self.last_frame.get(source_id, decoded.frame_index))
         response = decoded.response
         return self._tracker.observe(
             Observation(
@@ -184,8 +199,10 @@ class EventsStage:
     def _close_silent(self, touched: set[str]) -> list[AnnotationEvent]:
         now, messages = time.monotonic(), []
         for source_id in self._tracker.sources:
-            silent_ms = round((now - self._heard_at.get(source_id, now)) * 1000)
-            if silent_ms and (closed := self._tracker.close_silent(source_id, silent_ms)):
+            silent_s = now - self._heard_at.get(source_id, now)
+            if silent_s < self._config.offline_after_seconds:
+                continue
+            if closed := self._tracker.close_silent(source_id, round(silent_s * 1000)):
                 messages += closed
                 touched.add(source_id)
         return messages
@@ -235,6 +252,9 @@ class EventsStage:
         options = client_options(self._connection)
         if self._config.delivery != "at-least-once":
             producer = AIOKafkaProducer(**options, transactional_id=f"framelabel-events.{self._config.group}")
+            sender_log = logging.getLogger("aiokafka.producer.sender")
+            level = sender_log.level
+            sender_log.setLevel(logging.CRITICAL)  # a refusal is an answer here, which aiokafka logs as an ERROR
             try:
                 await producer.start()
             except KafkaError as exc:
@@ -247,6 +267,8 @@ class EventsStage:
             else:
                 self._transactional = True
                 return producer
+            finally:
+                sender_log.setLevel(level)
         producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=False)
         try:
             await producer.start()
