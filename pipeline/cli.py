@@ -34,9 +34,9 @@ LIBRARY_REPEAT_SECONDS = 10.0
 DEFAULT_CONSUME_BOOTSTRAP = "127.0.0.1:9092"
 
 
-def response_json(response: AnnotationResponse) -> str:
+def response_dict(response: AnnotationResponse) -> dict[str, object]:
     """The protobuf JSON mapping with the API reference's field names (`request_id`, …)."""
-    return json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
+    return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
 
 class _LibraryRepeats(logging.Filter):
@@ -58,6 +58,11 @@ class _LibraryRepeats(logging.Filter):
         return True
 
 
+def _not_reported_by_us(record: logging.LogRecord) -> bool:
+    """aiokafka's own line about a refused idempotent producer: the publisher says what it means and does."""
+    return not (record.name.startswith("aiokafka") and "InitProducerIdRequest" in str(record.msg))
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -66,6 +71,7 @@ def _setup_logging(level: str) -> None:
         logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its INFO lines are its own bookkeeping
         for handler in logging.getLogger().handlers:
             handler.addFilter(_LibraryRepeats("aiokafka", LIBRARY_REPEAT_SECONDS))
+            handler.addFilter(_not_reported_by_us)
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -75,7 +81,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_service_config(
         args.config,
-        {"classifier": args.classifier, "host": args.host, "port": args.port, "classifiers_file": args.classifiers},
+        {
+            "classifier": args.classifier,
+            "host": args.host,
+            "port": args.port,
+            "classifiers_file": args.classifiers,
+            "metrics_port": args.metrics_port,
+            "metrics_host": args.metrics_host,
+        },
     )
     overrides = {"top_k": args.top_k} if args.top_k else None
     limits = ImageLimits(config.max_image_bytes, config.max_pixels)
@@ -135,7 +148,7 @@ async def _annotate_files(args: argparse.Namespace) -> int:
             if args.top is not None:
                 del response.annotations[args.top :]
                 del response.classifier_specification.labels[:]
-            print(response_json(response), flush=True)
+            print(json.dumps({"file": str(path), "response": response_dict(response)}, ensure_ascii=False), flush=True)
     return 1 if failures else 0
 
 
@@ -144,12 +157,18 @@ def _run(args: argparse.Namespace) -> int:
 
     flags = {
         "sources": args.source,
+        "fps": args.fps,
+        "every_nth": args.every_nth,
+        "realtime": args.realtime or None,
+        "loop": args.loop or None,
         "classifier": args.classifier,
         "targets": args.target,
         "tls": args.tls,
         "bootstrap": args.bootstrap,
         "topic": args.topic,
         "no_idempotence": args.no_idempotence,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
     }
     config = load_run_config(args.config, flags)
     # a wide summary table even when stdout is a pipe or a file
@@ -186,6 +205,15 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_metrics_flags(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--metrics-port", type=int, metavar="PORT", help=f"serve {what} on this HTTP port")
+    command.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address of the metrics port (default: 127.0.0.1; elsewhere the page needs FRAMELABEL_HTTP_TOKEN)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framelabel", description=__doc__)
     parser.add_argument(
@@ -203,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: 50051; 0 picks a free one)")
     serve.add_argument("--top-k", type=int, help="answer with the N most confident labels only")
+    _add_metrics_flags(serve, "/metrics, /healthz and /readyz")
     serve.set_defaults(handler=_serve)
 
     annotate = commands.add_parser("annotate", help="annotate image files and print each response as JSON")
@@ -223,7 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "config", nargs="?", type=Path, help="run YAML (default: the demo: sample clip, imagenet, embedded)"
     )
-    run.add_argument("--source", action="append", metavar="ID=URI", help="a source (repeatable; replaces the config's)")
+    run.add_argument(
+        "--source",
+        action="append",
+        metavar="[ID=]URI",
+        help="a source (repeatable; replaces the config's); without ID=, the id is the file's name or camera's host",
+    )
+    sampling = run.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="annotate at most this many frames a second, for every source")
+    sampling.add_argument("--every-nth", type=int, metavar="N", help="annotate every Nth frame, for every source")
+    run.add_argument("--realtime", action="store_true", help="files: play at their own speed, as a camera would")
+    run.add_argument("--loop", action="store_true", help="files: start again at the end, until stopped")
     run_where = run.add_mutually_exclusive_group()
     run_where.add_argument("--classifier", help="annotate in-process with this classifier")
     run_where.add_argument("--target", action="append", metavar="HOST:PORT", help="annotate over gRPC (repeatable)")
@@ -235,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="turn the idempotent producer off, for brokers without it such as Tansu (`framelabel broker`)",
     )
+    _add_metrics_flags(run, "/metrics, /healthz, /readyz, the live view at / and /api/sources")
     run.set_defaults(handler=_run)
 
     consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
@@ -19,7 +21,7 @@ from pipeline.encoder import EncoderSettings
 from pipeline.kafka import KafkaSettings
 from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings
-from services.config import StrictModel, read_yaml, resolve_paths, validate
+from services.config import MonitoringSettings, StrictModel, apply_metrics_flags, read_yaml, resolve_paths, validate
 from services.errors import ConfigError
 
 
@@ -72,6 +74,7 @@ class RunConfig(StrictModel):
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     annotator: AnnotatorConfig = AnnotatorConfig()
     kafka: KafkaSettings = KafkaSettings()
+    metrics: MonitoringSettings = MonitoringSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
 
     @model_validator(mode="after")
@@ -83,19 +86,36 @@ class RunConfig(StrictModel):
         return self
 
 
+PLAIN_ID = re.compile(r"[\w.\-]+")  # an id before `=` on the command line: no `/` or `:`, so a URL is never one
+SOURCE_FLAGS = ("fps", "every_nth", "realtime", "loop")  # per-source settings the command line can give
+
+
 def parse_source_flag(flag: str) -> dict[str, str]:
-    """`ID=URI` from `--source`."""
+    """`--source ID=URI`, or `--source URI` with the id derived from it (a file's name, a camera's host)."""
     source_id, separator, uri = flag.partition("=")
-    if not separator or not source_id or not uri:
-        raise ConfigError(f"--source {flag!r}: expected ID=URI, e.g. --source cam1=rtsp://10.0.0.5/stream")
-    return {"id": source_id, "uri": uri}
+    if separator and PLAIN_ID.fullmatch(source_id) and uri:
+        return {"id": source_id, "uri": uri}
+    if not flag.strip():
+        raise ConfigError("--source: expected URI or ID=URI, e.g. --source clip.mp4 or --source cam1=rtsp://10.0.0.5/s")
+    return {"id": derived_id(flag), "uri": flag}
+
+
+def derived_id(uri: str) -> str:
+    """`clip` for `videos/clip.mp4`; `10.0.0.5-stream` for `rtsp://user:pw@10.0.0.5:554/stream` (never credentials)."""
+    parsed = urlsplit(uri)
+    if parsed.scheme and parsed.netloc:
+        name = "-".join(part for part in (parsed.hostname or "", Path(parsed.path).stem) if part)
+    else:
+        name = Path(uri.rstrip("/")).stem or uri
+    return re.sub(r"[^\w.\-]+", "-", name).strip("-") or "source"
 
 
 def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     """The config file (or the demo defaults) with flags on top.
 
-    flags: `sources` (list of ID=URI, replacing the file's sources), `classifier`
-    (in-process), `targets` (gRPC), `tls`, and the Kafka flags of `kafka_section`.
+    flags: `sources` (list of ID=URI or URI, replacing the file's sources), `fps`, `every_nth`,
+    `realtime` and `loop` (set on every source), `classifier`
+    (in-process), `targets` (gRPC), `tls`, `metrics_port`, `metrics_host`, and the Kafka flags of `kafka_section`.
     """
     data = read_yaml(path) if path else {}
     base = path.parent if path else Path.cwd()
@@ -110,6 +130,9 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         ]
     if flags.get("sources"):  # relative to the working directory, as a user typing them expects
         data["sources"] = [parse_source_flag(flag) for flag in flags["sources"]]
+    given = {name: flags[name] for name in SOURCE_FLAGS if flags.get(name) is not None}
+    if given and isinstance(data.get("sources"), list):
+        data["sources"] = [source | given if isinstance(source, dict) else source for source in data["sources"]]
     if flags.get("classifier"):
         annotator |= {"kind": "in-process", "classifier": flags["classifier"]}
     if flags.get("targets"):
@@ -118,6 +141,7 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         annotator["tls"] = True
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
+    apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
     return validate(RunConfig, data, str(path or "run defaults"))
 
 

@@ -29,6 +29,8 @@ class FrameInfo:
     captured_at: float  # time.monotonic() at capture, for capture→published latency
     # position in a video file, or on a camera stream's own clock when PyAV reads it; None otherwise
     media_position_ms: float | None = None
+    file_name: str | None = None  # the image's path as listed, for image folders
+    decode_seconds: float = 0.0  # the reader thread's CPU time for this frame (waiting on a camera not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +53,4 @@ class AnnotatedFrame:
     response: AnnotationResponse
     width: int
     height: int
+    jpeg: bytes = b""  # the image that was annotated, for the live view (shared with the request, not a copy)

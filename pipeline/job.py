@@ -29,18 +29,20 @@ from collections.abc import AsyncIterator, Callable
 from rich.console import Console
 
 from pipeline.annotators import Annotator
-from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
+from pipeline.annotators.grpc_client import CallObserver, GrpcAnnotator, GrpcSettings
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import AnnotatorConfig, RunConfig
-from pipeline.frames import DeliveryPolicy
 from pipeline.kafka import EMBEDDED, KafkaSettings
+from pipeline.live_view import LiveView
+from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import Publisher, PublishError
-from pipeline.report import ProgressDisplay, RunReports, summary_table
+from pipeline.report import ProgressDisplay, RunReports, summary
 from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
 from services.classifier import build_classifier, classifier_config
 from services.errors import ConfigError
+from services.monitoring import MonitoringServer
 from services.runtime import STOP_SIGNALS, settle_heap
 
 log = logging.getLogger("framelabel.run")
@@ -64,8 +66,10 @@ def authorization_from_env(api_key_env: str, iam_token_env: str) -> str | None:
     return None
 
 
-def build_annotator(config: AnnotatorConfig) -> Annotator:
-    """The annotator, not started: `async with` it to load the model or reach the service."""
+def build_annotator(config: AnnotatorConfig, on_grpc_call: CallObserver | None = None) -> Annotator:
+    """The annotator, not started: `async with` it to load the model or reach the service.
+
+    `on_grpc_call` sees every call a gRPC annotator makes (the metrics)."""
     if config.kind == "in-process":
         overrides = {
             "top_k": config.top_k,
@@ -91,7 +95,8 @@ def build_annotator(config: AnnotatorConfig) -> Annotator:
             max_in_flight=config.max_in_flight,
             retry_for_seconds=config.retry_for_seconds,
             connect_timeout_seconds=config.connect_timeout_seconds,
-        )
+        ),
+        on_grpc_call,
     )
 
 
@@ -178,11 +183,12 @@ def exit_status(reports: RunReports, gave_up: bool) -> ExitStatus:
 async def run_job(config: RunConfig, console: Console) -> int:
     """Run until the sources end or a signal stops the run; the exit status. Start-up failures raise."""
     sources = [open_source(c.id, c.uri, c, c) for c in config.sources]
+    metrics = PipelineMetrics()
+    reports = RunReports(sources, metrics)
+    metrics.watch(reports)
     progress = ProgressDisplay()
     for source in sources:
-        if source.policy is DeliveryPolicy.REPLAY:
-            progress.add(source.source_id, source.total_frames)
-    reports = RunReports(sources, progress)
+        progress.add(reports.by_source[source.source_id], source.total_frames)
     lanes = [
         Lane(source=source, sampling=c, encoding=c, report=reports.by_source[source.source_id])
         for source, c in zip(sources, config.sources, strict=True)
@@ -190,14 +196,14 @@ async def run_job(config: RunConfig, console: Console) -> int:
     started_at = time.monotonic()
     with StopSignals() as signals:
         try:
-            await _run(config, console, lanes, reports, progress, signals)
+            await _run(config, console, lanes, reports, progress, signals, metrics)
         except asyncio.CancelledError:
             if not signals.received:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # a task runs this
             if not reports.started:
                 return ExitStatus.OK  # stopped while connecting: nothing was captured
-        console.print(summary_table(reports, time.monotonic() - started_at))
+        console.print(summary(reports, time.monotonic() - started_at, console.width))
     return exit_status(reports, signals.gave_up)
 
 
@@ -208,11 +214,20 @@ async def _run(
     reports: RunReports,
     progress: ProgressDisplay,
     signals: StopSignals,
+    metrics: PipelineMetrics,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
+        readiness = Readiness(reports)
+        if config.metrics.port is not None:  # first, so that /healthz answers while the rest starts
+            monitoring = MonitoringServer(config.metrics, metrics.registry, readiness)
+            LiveView(reports).add_routes(monitoring.app)
+            await stack.enter_async_context(monitoring)
         settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
-        annotator = await stack.enter_async_context(build_annotator(config.annotator))
+        annotator = await stack.enter_async_context(build_annotator(config.annotator, metrics.grpc_call))
+        readiness.annotator = annotator
         publisher = await stack.enter_async_context(Publisher(settings, reports))
+        readiness.kafka = True
+        metrics.watch_publisher(publisher)
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
         signals.running(functools.partial(_stop, runner, publisher, settings))
         settle_heap()
@@ -231,6 +246,23 @@ async def _run(
                 await publisher.flush()
             except PublishError as exc:
                 log.error("%s", exc)
+
+
+class Readiness:
+    """What `/readyz` checks: Kafka took the producer, the annotator is ready, every source has opened."""
+
+    def __init__(self, reports: RunReports) -> None:
+        self._reports = reports
+        self.annotator: Annotator | None = None
+        self.kafka = False
+
+    def __call__(self) -> dict[str, bool]:
+        reports = self._reports.by_source.values()
+        return {
+            "kafka": self.kafka,
+            "annotator": self.annotator is not None and self.annotator.ready,
+            "sources": all(report.source_stats.read > 0 or report.ended for report in reports),
+        }
 
 
 def _stop(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:

@@ -74,7 +74,9 @@ class KafkaSettings(KafkaConnection):
     # the largest record; brokers default to ~1 MiB (message.max.bytes)
     max_request_bytes: Annotated[int, Field(gt=0)] = 4 * MiB
     compression: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    enable_idempotence: bool | None = Field(None, description="default: on, except for the embedded broker")
+    enable_idempotence: bool | None = Field(
+        None, description="default: on (giving way to a broker that refuses it), off for the embedded broker"
+    )
     max_in_flight_records: Annotated[int, Field(ge=1, description="unsettled records before publishing waits")] = 1000
     max_block_ms: (
         Annotated[int, Field(gt=0, description="how long publishing waits for room; null: no limit")] | None

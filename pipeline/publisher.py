@@ -49,7 +49,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from pipeline.frames import AnnotatedFrame
 from pipeline.kafka import KafkaSettings, client_options, ensure_topic, unreachable
 from pipeline.records import KafkaRecord, encode_record
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.errors import FramelabelError
 
 log = logging.getLogger("framelabel.publish")
@@ -57,8 +57,8 @@ log = logging.getLogger("framelabel.publish")
 MAX_RETRY_BACKOFF_S = 10.0
 CLOSE_TIMEOUT_S = 3.0
 IDEMPOTENCE_HINT = (
-    " (brokers without the idempotent producer, such as Tansu (`framelabel broker`), "
-    "need --no-idempotence or kafka.enable_idempotence: false)"
+    " (kafka.enable_idempotence: true asks for the idempotent producer; brokers without it, such as Tansu "
+    "(`framelabel broker`), need --no-idempotence or kafka.enable_idempotence: false)"
 )  # how long closing the producer may take once we have given up on its records
 
 
@@ -83,7 +83,8 @@ class Producer(Protocol):
 class DeliveryReport(Protocol):
     """Who is told what became of each record."""
 
-    def published(self, frame: AnnotatedFrame) -> None: ...
+    def published(self, frame: AnnotatedFrame, acked_in_s: float) -> None:
+        """Kafka acknowledged the frame's record, `acked_in_s` after it was handed to the publisher."""
 
     def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None: ...
 
@@ -99,6 +100,7 @@ class PublishStats:
 class _Delivery:
     frame: AnnotatedFrame
     record: KafkaRecord
+    queued_at: float  # time.monotonic() when it was handed to the publisher
     give_up_at: float  # time.monotonic() past which a failure is final
     attempts: int = 0  # times handed to the producer
 
@@ -146,20 +148,32 @@ class Publisher:
             await self.abandon(f"the run ended early ({exc_type.__name__})")
 
     async def start(self) -> None:
-        """Connect (and create the topic if it is missing) within `connect_timeout_ms`; `KafkaUnreachable` if not."""
+        """Connect (and create the topic if it is missing) within `connect_timeout_ms`; `KafkaUnreachable` if not.
+
+        Idempotence that was on by default (not asked for) is dropped, with a warning, against a broker
+        that refuses it, such as Tansu (`framelabel broker`): records reach it all the same."""
         if self._state != "new":
             raise PublishError("a publisher starts once")
         self._state = "running"
-        log.info(
-            "connecting to Kafka at %s (up to %g s)",
-            self.settings.bootstrap_servers,
-            self.settings.connect_timeout_ms / 1000,
-        )
+        log.info("connecting to Kafka at %s", self.settings.bootstrap_servers)
         try:
-            async with asyncio.timeout(self.settings.connect_timeout_ms / 1000):
-                if self._own_producer:
-                    await ensure_topic(self.settings)
-                await self._producer.start()
+            try:
+                await self._connect()
+            except KafkaError as exc:
+                if not (self._own_producer and self.settings.enable_idempotence is None and self.settings.idempotent):
+                    raise
+                log.warning(
+                    "Kafka at %s refused the idempotent producer (%s): publishing without it, so a re-send after a "
+                    "lost acknowledgement may store a record twice; kafka.enable_idempotence: false skips this try, "
+                    "true makes it an error",
+                    self.settings.bootstrap_servers,
+                    type(exc).__name__,
+                )
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                self.settings = self.settings.model_copy(update={"enable_idempotence": False})
+                self._producer = _kafka_producer(self.settings)
+                await self._connect()
         except BaseException as exc:
             self._state = "stopped"
             with contextlib.suppress(Exception):
@@ -170,6 +184,16 @@ class Publisher:
                 raise unreachable(self.settings, exc, hint) from exc
             raise
         log.info("publishing to Kafka topic %s at %s", self.settings.topic, self.settings.bootstrap_servers)
+
+    async def _connect(self) -> None:
+        within_s = self.settings.connect_timeout_ms / 1000
+        async with (
+            saying_while_waiting(log, f"Kafka at {self.settings.bootstrap_servers}", within_s),
+            asyncio.timeout(within_s),
+        ):
+            if self._own_producer:
+                await ensure_topic(self.settings)
+            await self._producer.start()
 
     @property
     def unsettled(self) -> int:
@@ -193,9 +217,9 @@ class Publisher:
                 f"the record of {info.source_id} frame {info.index} is {size} bytes, more than "
                 f"kafka.max_request_bytes {self.settings.max_request_bytes}"
             )
-        give_up_at = time.monotonic() + self.settings.delivery_timeout_ms / 1000
+        now = time.monotonic()
         await self._take_slot()
-        line.waiting.append(_Delivery(frame, record, give_up_at))
+        line.waiting.append(_Delivery(frame, record, now, now + self.settings.delivery_timeout_ms / 1000))
         line.wake.set()
 
     async def flush(self) -> None:
@@ -350,7 +374,7 @@ class Publisher:
                 self.stats.published += 1
                 self._free_slots(1)
                 if self._report is not None:
-                    self._report.published(delivery.frame)
+                    self._report.published(delivery.frame, now - delivery.queued_at)
             elif _retryable(error) and now < delivery.give_up_at and (retries is None or delivery.attempts <= retries):
                 self.stats.retried += 1
                 again.append(delivery)

@@ -7,7 +7,7 @@ One record per annotated frame:
                API reference's field names (`request_id`, `classifier_specification`) and enum names
     timestamp  the frame's capture time, ms since the epoch
     headers    UTF-8 strings: source_id, frame_index, media_position_ms (files, PyAV cameras),
-               capture_time_ms, content_type, image_width, image_height
+               file_name (image folders only), capture_time_ms, content_type, image_width, image_height
 
 A Python consumer needs three lines:
 
@@ -43,6 +43,7 @@ CAPTURE_TIME_MS = "capture_time_ms"
 CONTENT_TYPE = "content_type"
 IMAGE_WIDTH = "image_width"
 IMAGE_HEIGHT = "image_height"
+FILE_NAME = "file_name"
 
 
 class RecordFormatError(FramelabelError, ValueError):
@@ -70,6 +71,7 @@ class DecodedRecord:
     image_height: int
     content_type: str
     response: AnnotationResponse
+    file_name: str | None = None  # image folders: the image's path
 
 
 def encode_record(frame: AnnotatedFrame, value_format: ValueFormat) -> KafkaRecord:
@@ -90,6 +92,8 @@ def encode_record(frame: AnnotatedFrame, value_format: ValueFormat) -> KafkaReco
     }
     if info.media_position_ms is not None:
         headers[MEDIA_POSITION_MS] = f"{info.media_position_ms:.3f}"
+    if info.file_name is not None:
+        headers[FILE_NAME] = info.file_name
     return KafkaRecord(
         key=info.source_id.encode(),
         value=value,
@@ -134,6 +138,7 @@ def decode_record(
         image_height=integer(IMAGE_HEIGHT),
         content_type=content_type,
         response=_parse_response(value, content_type),
+        file_name=texts.get(FILE_NAME),
     )
 
 
@@ -148,6 +153,7 @@ def record_json(record: DecodedRecord) -> dict[str, Any]:
         "image_width": record.image_width,
         "image_height": record.image_height,
         "content_type": record.content_type,
+        "file_name": record.file_name,
         "response": json_format.MessageToDict(record.response, preserving_proto_field_name=True),
     }
 

@@ -10,9 +10,15 @@ so in its docstring.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+SAY_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -61,3 +67,25 @@ class Attempts:
     def failing_for_s(self) -> float:
         """Seconds since the first failure of this run (0 before any)."""
         return 0.0 if self._first_failure_at is None else time.monotonic() - self._first_failure_at
+
+
+@contextlib.asynccontextmanager
+async def saying_while_waiting(
+    log: logging.Logger, what: str, within_s: float, every_s: float = SAY_EVERY_S
+) -> AsyncIterator[None]:
+    """Log "still waiting for WHAT (N s of M)" every few seconds until the block ends: a wait at start
+    (for a broker, a service) is never silent, whether it ends in success or in an error."""
+    started = time.monotonic()
+
+    async def say() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            log.info("still waiting for %s (%.0f s of %g)", what, time.monotonic() - started, within_s)
+
+    saying = asyncio.create_task(say(), name=f"waiting for {what}")
+    try:
+        yield
+    finally:
+        saying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saying

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from pipeline.annotators import Annotator
 from pipeline.encoder import EncoderSettings, encode
 from pipeline.frames import AnnotatedFrame, DeliveryPolicy, Frame
 from pipeline.publisher import Publisher, PublishError
-from pipeline.report import SourceReport
+from pipeline.report import SourceReport, Stage
 from pipeline.sampler import Sampler, SamplingSettings
 from pipeline.sources import Source, SourceError
 from services.errors import AnnotatorError, AnnotatorUnavailable, FramelabelError, InvalidImageError
@@ -102,6 +103,8 @@ class Runner:
         except* Exception as failures:  # a bug outside any frame: this lane ends, the others go on
             lane.report.error = f"source {source_id}: internal error: {failures.exceptions[0]!r}"
             log.error("%s", lane.report.error, exc_info=failures.exceptions[0])
+        finally:
+            lane.report.ended = True
 
     async def _close_on_stop(self, source: Source) -> None:
         await self._stopping.wait()
@@ -113,6 +116,7 @@ class Runner:
         sampler = Sampler(lane.sampling)
         try:
             async for frame in lane.source.frames():
+                lane.report.observe(Stage.DECODE, frame.info.decode_seconds)
                 if not sampler.keep(frame.info):
                     continue
                 lane.report.sampled += 1
@@ -138,12 +142,15 @@ class Runner:
         """The annotated frame, or None when it cannot be annotated (counted and logged)."""
         report, index = lane.report, frame.info.index
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
             encoded = await loop.run_in_executor(encode_pool, encode, frame, lane.encoding)
         except ValueError as exc:
             report.failed += 1
             log.warning("source %s frame %d: cannot encode: %s", report.source_id, index, exc)
             return None
+        encoded_at = time.monotonic()
+        report.observe(Stage.ENCODE, encoded_at - started)
         live = lane.source.policy is DeliveryPolicy.LIVE
         try:
             # a live frame is not worth waiting for: the next one is fresher
@@ -167,4 +174,6 @@ class Runner:
         except Exception as exc:
             raise LaneError(report.source_id, index, f"internal error while annotating: {exc!r}") from exc
         report.annotated += 1
-        return AnnotatedFrame(info=encoded.info, response=response, width=encoded.width, height=encoded.height)
+        report.observe(Stage.ANNOTATE, time.monotonic() - encoded_at)
+        jpeg = encoded.request.image.content
+        return AnnotatedFrame(encoded.info, response, width=encoded.width, height=encoded.height, jpeg=jpeg)

@@ -53,8 +53,10 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 
 
 class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, on_denied: Callable[[], None] | None = None) -> None:
+        """`on_denied` is told of every call refused (the metrics)."""
         self._credentials = credentials
+        self._on_denied = on_denied
 
     async def intercept_service(
         self,
@@ -66,8 +68,10 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         metadata = dict(details.invocation_metadata or ())
         authorization = metadata.get("authorization")
+        if isinstance(authorization, str) and self._credentials.accepts(authorization):
+            return handler
+        if self._on_denied is not None:
+            self._on_denied()
         if not isinstance(authorization, str):
             return _deny(handler, "missing authorization metadata: expected 'Api-Key <key>' or 'Bearer <token>'")
-        if not self._credentials.accepts(authorization):
-            return _deny(handler, "invalid credentials")
-        return handler
+        return _deny(handler, "invalid credentials")

@@ -10,6 +10,7 @@ benchmark (`make bench`) shows whether it does for a given model and machine.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -27,8 +28,16 @@ class BatchingSettings:
 
 
 class Batcher:
-    def __init__(self, classifier: Classifier, executor: Executor, settings: BatchingSettings) -> None:
+    def __init__(
+        self,
+        classifier: Classifier,
+        executor: Executor,
+        settings: BatchingSettings,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_batch` sees the size of every batch run (the metrics)."""
         self._classifier = classifier
+        self._on_batch = on_batch
         self._executor = executor
         self._settings = settings
         self._waiting: list[tuple[Tensor, asyncio.Future[NDArray[np.float64]]]] = []
@@ -51,6 +60,8 @@ class Batcher:
             self._window = None
         batch, self._waiting = self._waiting, []
         if batch:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
             task = asyncio.create_task(self._run(batch), name=f"batch-{self._classifier.name}")
             self._running.add(task)
             task.add_done_callback(self._running.discard)

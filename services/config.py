@@ -78,6 +78,24 @@ class BatchingConfig(StrictModel):
     max_wait_ms: Annotated[float, Field(gt=0, le=1000)] = 2.0
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MonitoringSettings(StrictModel):
+    """The HTTP port a process is watched on (`metrics:` in a config, `--metrics-port`); off unless a port is set."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] | None = Field(None, description="0 picks a free one")
+    host: str = "127.0.0.1"
+    token_env: str = Field("FRAMELABEL_HTTP_TOKEN", description="the variable holding the bearer token")
+    allow_unauthenticated: bool = Field(False, description="serve camera images off loopback without a token")
+
+
 class ServiceConfig(StrictModel):
     classifiers_file: Path | None = Field(None, description="your own classifiers, added to the built-in ones")
     classifier: str = "imagenet"
@@ -92,6 +110,7 @@ class ServiceConfig(StrictModel):
     batching: BatchingConfig | None = Field(None, description="dynamic batching; off by default")
     tls: TlsConfig | None = None
     auth: AuthConfig = AuthConfig()
+    metrics: MonitoringSettings = MonitoringSettings()
 
     @property
     def message_limit(self) -> int:
@@ -99,12 +118,7 @@ class ServiceConfig(StrictModel):
 
     @property
     def on_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
@@ -192,5 +206,15 @@ def load_service_config(path: Path | None, overrides: dict[str, Any]) -> Service
     data = resolve_paths(data, base, ("classifiers_file",))
     if isinstance(data.get("tls"), dict):
         data["tls"] = resolve_paths(data["tls"], base, ("cert_file", "key_file", "client_ca_file"))
+    overrides = dict(overrides)
+    apply_metrics_flags(data, overrides.pop("metrics_port", None), overrides.pop("metrics_host", None))
     data.update({key: value for key, value in overrides.items() if value is not None})
     return validate(ServiceConfig, data, str(path or "service defaults"))
+
+
+def apply_metrics_flags(data: dict[str, Any], port: int | None, host: str | None) -> None:
+    """`--metrics-port` and `--metrics-host` over a config's `metrics:` section."""
+    flags = {key: value for key, value in (("port", port), ("host", host)) if value is not None}
+    if flags:
+        section = data.get("metrics")
+        data["metrics"] = (dict(section) if isinstance(section, dict) else {}) | flags

@@ -9,6 +9,7 @@ the grace period, and return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from services.batching import Batcher, BatchingSettings
 from services.classifier import Classifier
 from services.config import ServiceConfig
 from services.errors import ConfigError, InvalidImageError
+from services.metrics import ServiceMetrics
+from services.monitoring import MonitoringServer
 from services.net import probe_bind
 from services.runtime import STOP_SIGNALS, settle_heap
 
@@ -35,10 +38,13 @@ log = logging.getLogger("framelabel.serve")
 
 
 class AnnotateServicer(image_classifier_service_pb2_grpc.ImageClassifierServiceServicer):
-    def __init__(self, classifier: Classifier, executor: ThreadPoolExecutor, batcher: Batcher | None) -> None:
+    def __init__(
+        self, classifier: Classifier, executor: ThreadPoolExecutor, batcher: Batcher | None, metrics: ServiceMetrics
+    ) -> None:
         self._classifier = classifier
         self._executor = executor
         self._batcher = batcher
+        self._metrics = metrics
 
     async def _annotate(self, request: AnnotationRequest) -> AnnotationResponse:
         loop = asyncio.get_running_loop()
@@ -50,14 +56,17 @@ class AnnotateServicer(image_classifier_service_pb2_grpc.ImageClassifierServiceS
     async def Annotate(
         self, request: AnnotationRequest, context: aio.ServicerContext[AnnotationRequest, AnnotationResponse]
     ) -> AnnotationResponse:
-        try:
-            return await self._annotate(request)
-        except InvalidImageError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception:
-            # the client gets no traceback; the log keeps it
-            log.exception("Annotate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error while annotating")
+        async with self._metrics.request() as outcome:
+            try:
+                return await self._annotate(request)
+            except InvalidImageError as exc:
+                outcome.code = grpc.StatusCode.INVALID_ARGUMENT.name
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Exception:
+                # the client gets no traceback; the log keeps it
+                log.exception("Annotate failed")
+                outcome.code = grpc.StatusCode.INTERNAL.name
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error while annotating")
         raise AssertionError("context.abort always raises")
 
 
@@ -92,14 +101,16 @@ def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
 class AnnotateServer:
     """Owns the grpc.aio server, its health service and its inference threads."""
 
-    def __init__(self, config: ServiceConfig, classifier: Classifier) -> None:
+    def __init__(self, config: ServiceConfig, classifier: Classifier, metrics: ServiceMetrics | None = None) -> None:
         self.config = config
+        metrics = metrics or ServiceMetrics()
         self.classifier = classifier
         credentials = credentials_from_env(config)
         self.auth_enabled = not credentials.empty
+        self.serving = False
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
         self._server = aio.server(
-            interceptors=[AuthInterceptor(credentials)] if self.auth_enabled else [],
+            interceptors=[AuthInterceptor(credentials, metrics.denied)] if self.auth_enabled else [],
             maximum_concurrent_rpcs=config.max_concurrent_requests,
             options=[
                 ("grpc.max_receive_message_length", config.message_limit),
@@ -111,9 +122,9 @@ class AnnotateServer:
         batcher = None
         if config.batching is not None:
             settings = BatchingSettings(config.batching.max_batch, config.batching.max_wait_ms)
-            batcher = Batcher(classifier, self._executor, settings)
+            batcher = Batcher(classifier, self._executor, settings, metrics.batch)
         image_classifier_service_pb2_grpc.add_ImageClassifierServiceServicer_to_server(
-            AnnotateServicer(classifier, self._executor, batcher), self._server
+            AnnotateServicer(classifier, self._executor, batcher, metrics), self._server
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -140,6 +151,7 @@ class AnnotateServer:
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         log.info(
             "serving classifier %s (%s, %d labels) on %s:%d tls=%s auth=%s batching=%s",
             self.classifier.name,
@@ -154,6 +166,7 @@ class AnnotateServer:
 
     async def stop(self) -> None:
         """Refuse new calls, let in-flight ones finish within the grace period."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace_seconds)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -170,19 +183,29 @@ class AnnotateServer:
 async def serve(config: ServiceConfig, load: Callable[[], Classifier]) -> None:
     """Load the classifier, serve it until SIGTERM, SIGINT or SIGHUP, then shut down gracefully.
 
-    The signal handlers are in place first: a signal while the model loads ends the process cleanly."""
+    The signal handlers are in place first: a signal while the model loads ends the process cleanly.
+    The monitoring port, when set, answers from the start: /readyz says 503 until the service serves."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    loading = asyncio.ensure_future(asyncio.to_thread(load))
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if stopped.done():
-        log.info("signal received while loading the classifier: not serving")
-        loading.cancel()
-        return
-    async with AnnotateServer(config, loading.result()):
+    metrics = ServiceMetrics()
+    server: AnnotateServer | None = None
+
+    def readiness() -> dict[str, bool]:
+        return {"serving": server is not None and server.serving}
+
+    async with contextlib.AsyncExitStack() as stack:
+        if config.metrics.port is not None:
+            await stack.enter_async_context(MonitoringServer(config.metrics, metrics.registry, readiness))
+        loading = asyncio.ensure_future(asyncio.to_thread(load))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            log.info("signal received while loading the classifier: not serving")
+            loading.cancel()
+            return
+        server = await stack.enter_async_context(AnnotateServer(config, loading.result(), metrics))
         settle_heap()
         await stopped
         log.info("signal received: finishing in-flight calls (grace %.0fs)", config.grace_seconds)

@@ -65,7 +65,7 @@ class Deliveries:
         self.given_up: list[AnnotatedFrame] = []
         self.reasons: list[str] = []
 
-    def published(self, frame: AnnotatedFrame) -> None:
+    def published(self, frame: AnnotatedFrame, acked_in_s: float) -> None:
         self.acknowledged.append(frame)
 
     def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None:

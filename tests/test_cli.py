@@ -26,12 +26,12 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def test_annotate_in_process_prints_one_json_response_per_image(photos: list[Path]) -> None:
+def test_annotate_in_process_prints_one_json_line_per_image_naming_it(photos: list[Path]) -> None:
     result = framelabel("annotate", "--classifier", "moderation", *map(str, photos))
     assert result.returncode == 0, result.stderr
-    responses = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(responses) == 2
-    for response in responses:
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(photo) for photo in photos]
+    for response in (line["response"] for line in lines):
         assert set(response) == {"request_id", "classifier_specification", "annotations"}
         assert response["classifier_specification"]["classification_type"] == "MULTI_CLASS"
         assert response["annotations"][0]["label"]["name"] == "sfw"
@@ -40,7 +40,7 @@ def test_annotate_in_process_prints_one_json_response_per_image(photos: list[Pat
 def test_annotate_through_the_service(imagenet_service: ServiceProcess, photos: list[Path]) -> None:
     result = framelabel("annotate", "--target", imagenet_service.address, "--top", "1", str(photos[0]))
     assert result.returncode == 0, result.stderr
-    response = json.loads(result.stdout)
+    response = json.loads(result.stdout)["response"]
     assert [a["label"]["name"] for a in response["annotations"]] == ["espresso"]
     assert "labels" not in response["classifier_specification"]
 
@@ -54,7 +54,7 @@ def test_annotate_reports_bad_images_and_goes_on(photos: list[Path], tmp_path: P
     assert result.returncode == 1
     assert f"{text}: INVALID_ARGUMENT: cannot decode image" in result.stderr
     assert "missing.jpg: No such file or directory" in result.stderr
-    assert len(result.stdout.splitlines()) == 1  # the good photo was still annotated
+    assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(photos[0])]  # still annotated
 
 
 def test_annotate_against_an_unreachable_target_names_it(photos: list[Path]) -> None:

@@ -149,7 +149,7 @@ def test_annotate_a_photo_in_process(installed: Installed) -> None:
     (installed.cwd / "coffee.jpg").write_bytes(jpeg(photo("coffee")))
     result = installed.run("annotate", "--classifier", "imagenet", "coffee.jpg", "--top", "3")
     assert result.returncode == 0, result.stderr
-    annotations = json.loads(result.stdout)["annotations"]
+    annotations = json.loads(result.stdout)["response"]["annotations"]
     assert len(annotations) == 3
     assert annotations[0]["label"]["name"] == "espresso"
     assert annotations[0]["confidence"] > 0.9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,13 @@ def test_record_carries_frame_metadata_in_headers() -> None:
     }
     assert AnnotationResponse.FromString(record.value) == file_frame.response
 
+    image = annotated_frame("folder", 0)
+    image = dataclasses.replace(image, info=dataclasses.replace(image.info, file_name="frames/0001.jpg"))
+    image_record = encode_record(image, "protobuf")
+    assert dict(image_record.headers)["file_name"] == b"frames/0001.jpg"
+    decoded_image = decode_record(image_record.key, image_record.value, image_record.headers, 0)
+    assert decoded_image.file_name == "frames/0001.jpg"
+
     camera_record = encode_record(annotated_frame("cam-b", 3), "json")
     assert "media_position_ms" not in dict(camera_record.headers)
     assert dict(camera_record.headers)["content_type"] == JSON_CONTENT_TYPE.encode()
@@ -124,6 +132,7 @@ def test_decode_record_reads_both_formats_and_names_what_is_wrong() -> None:
         assert decoded.response == frame.response
 
     printed = record_json(decoded)
+    assert printed["file_name"] is None  # a video file's frame
     assert printed["response"]["classifier_specification"]["classification_type"] == "MULTI_CLASS"
     assert printed["response"]["request_id"] == "file-a/7"
     json.dumps(printed)
@@ -193,6 +202,22 @@ async def test_consumer_filters_by_source_and_stops_at_max_records(broker: Embed
 async def test_consuming_a_missing_topic_says_so(broker: EmbeddedBroker) -> None:
     with pytest.raises(ConsumeError, match=f"topic nowhere does not exist at {broker.address}"):
         await anext(consume(connection(broker.address, "nowhere"), from_beginning=True))
+
+
+async def test_default_idempotence_gives_way_to_a_broker_without_it(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    deliveries = Deliveries()
+    async with Publisher(KafkaSettings(bootstrap_servers=broker.address), deliveries) as publisher:
+        await publisher.publish(annotated_frame("cam-a", 0))
+        await publisher.flush()
+    assert [frame.info.index for frame in deliveries.acknowledged] == [0]
+    assert publisher.settings.enable_idempotence is False
+    assert f"Kafka at {broker.address} refused the idempotent producer" in caplog.text
+
+    asked_for = KafkaSettings(bootstrap_servers=broker.address, enable_idempotence=True)
+    with pytest.raises(KafkaUnreachable, match=r"kafka\.enable_idempotence: true asks for the idempotent producer"):
+        await Publisher(asked_for).start()
 
 
 async def test_unreachable_kafka_is_reported_with_its_address() -> None:

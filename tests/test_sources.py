@@ -309,7 +309,8 @@ async def test_image_folder_yields_images_in_name_order_and_skips_a_bad_one(
     assert [int(frame.pixels[0, 0, 0]) for frame in frames] == [0, 40, 80, 120, 160]
     assert [frame.info.index for frame in frames] == list(range(5))
     assert all(frame.info.media_position_ms is None and frame.pixels.shape == (6, 8, 3) for frame in frames)
-    assert source.stats.errors == 1
+    assert [frame.info.file_name for frame in frames] == [str(tmp_path / f"frame_{n:02d}.png") for n in range(5)]
+    assert source.stats.errors == source.stats.skipped == 1
     assert source.stats.last_error == f"{bad}: cannot decode image"
     assert str(bad) in caplog.text
 

@@ -118,7 +118,30 @@ def test_bad_run_configs_name_the_field(tmp_path: Path, yaml_text: str, message:
         load_run_config(path, {})
 
 
-def test_source_flag_needs_id_and_uri() -> None:
-    assert parse_source_flag("cam=rtsp://u:p@h/s?a=b") == {"id": "cam", "uri": "rtsp://u:p@h/s?a=b"}
-    with pytest.raises(ConfigError, match="expected ID=URI"):
-        parse_source_flag("clip.mp4")
+@pytest.mark.parametrize(
+    ("flag", "source"),
+    [
+        ("cam=rtsp://u:p@h/s?a=b", {"id": "cam", "uri": "rtsp://u:p@h/s?a=b"}),
+        ("clip.mp4", {"id": "clip", "uri": "clip.mp4"}),
+        ("videos/day 1/gate.mkv", {"id": "gate", "uri": "videos/day 1/gate.mkv"}),
+        ("frames/", {"id": "frames", "uri": "frames/"}),
+        (
+            "rtsp://viewer:secret@10.0.0.5:554/stream1",
+            {"id": "10.0.0.5-stream1", "uri": "rtsp://viewer:secret@10.0.0.5:554/stream1"},
+        ),
+        ("http://cam.local/video?res=hd", {"id": "cam.local-video", "uri": "http://cam.local/video?res=hd"}),
+    ],
+)
+def test_source_flag_with_or_without_an_id(flag: str, source: dict[str, str]) -> None:
+    assert parse_source_flag(flag) == source
+
+
+def test_source_flags_set_sampling_and_playback_on_every_source() -> None:
+    flags = {"sources": ["a.mp4", "b=b.mp4"], "fps": 2.0, "loop": True, "realtime": True}
+    config = load_run_config(None, flags)
+    assert [(s.id, s.fps, s.loop, s.realtime) for s in config.sources] == [
+        ("a", 2.0, True, True),
+        ("b", 2.0, True, True),
+    ]
+    with pytest.raises(ConfigError, match="give at most one of `fps` and `every_nth`"):
+        load_run_config(None, {"sources": ["a.mp4"], "fps": 2.0, "every_nth": 3})

@@ -20,13 +20,15 @@ import asyncio
 import itertools
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
 
 from pipeline.annotators import AnnotatorLifetime
-from pipeline.retry import RetryPolicy
+from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api_names import SERVICE_NAME
@@ -37,6 +39,8 @@ log = logging.getLogger("framelabel.annotate")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 5000
+
+CallObserver = Callable[[str, float], None]  # each call's status code name and its duration in seconds
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,10 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
 
 
 class GrpcAnnotator(AnnotatorLifetime):
-    def __init__(self, settings: GrpcSettings) -> None:
-        """No I/O: start() opens the channels."""
+    def __init__(self, settings: GrpcSettings, on_call: CallObserver | None = None) -> None:
+        """No I/O: start() opens the channels. `on_call` sees every call, retries included (the metrics)."""
         self.settings = settings
+        self._on_call = on_call
         self._channels: list[aio.Channel] = []
         self._stubs: itertools.cycle[tuple[str, ImageClassifierServiceStub]] | None = None
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
@@ -121,10 +126,11 @@ class GrpcAnnotator(AnnotatorLifetime):
         settings = self.settings
         self._channels = [_open_channel(target, settings) for target in settings.targets]
         within_s = settings.connect_timeout_seconds
-        log.info("connecting to the Annotate service at %s (up to %g s)", self.description, within_s)
+        log.info("connecting to the Annotate service at %s", self.description)
         waiters = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
         try:
-            done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+            async with saying_while_waiting(log, f"the Annotate service at {self.description}", within_s):
+                done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -147,13 +153,16 @@ class GrpcAnnotator(AnnotatorLifetime):
         async with self._in_flight:
             while True:
                 target, stub = next(self._stubs)
+                started = time.monotonic()
                 try:
                     response: AnnotationResponse = await stub.Annotate(
                         request, timeout=self.settings.deadline_seconds, metadata=self._metadata
                     )
+                    self._observe("OK", started)
                     return response
                 except aio.AioRpcError as exc:
                     code = exc.code()
+                    self._observe(code.name, started)
                     if code == grpc.StatusCode.INVALID_ARGUMENT:
                         raise InvalidImageError(exc.details() or "invalid argument") from None
                     if code not in RETRYABLE:
@@ -165,6 +174,10 @@ class GrpcAnnotator(AnnotatorLifetime):
                             f"{target}: {code.name}{waited}: {exc.details()}", code.name
                         ) from None
                 await asyncio.sleep(delay)
+
+    def _observe(self, code: str, started: float) -> None:
+        if self._on_call is not None:
+            self._on_call(code, time.monotonic() - started)
 
     async def close(self) -> None:
         self._stubs = None

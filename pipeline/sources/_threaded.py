@@ -118,6 +118,7 @@ class ThreadedSource(abc.ABC):
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._shutdown: asyncio.Task[None] | None = None
+        self._cpu_mark = threading.local()  # per reader thread: its CPU time when it handed over its last frame
 
     @property
     def total_frames(self) -> int | None:
@@ -178,14 +179,26 @@ class ThreadedSource(abc.ABC):
         self._threads.append(thread)
         thread.start()
 
-    def _new_frame(self, pixels: MatLike, media_position_ms: float | None = None, index: int | None = None) -> Frame:
-        """Stamp a frame just read: its index (by default the next one), and now as its capture time."""
+    def _new_frame(
+        self,
+        pixels: MatLike,
+        media_position_ms: float | None = None,
+        file_name: str | None = None,
+        index: int | None = None,
+    ) -> Frame:
+        """Stamp a frame just read: its index (by default the next one), now as its capture time, its reading cost."""
+        cpu_now = time.thread_time()  # counts from the thread's start, so a thread's first frame includes opening
+        decode_seconds = cpu_now - getattr(self._cpu_mark, "seconds", 0.0)
+        self._cpu_mark.seconds = cpu_now
         info = FrameInfo(
             source_id=self.source_id,
             index=self.stats.read if index is None else index,  # by default, the count of frames read so far
             capture_time_ms=time.time_ns() // 1_000_000,
             captured_at=time.monotonic(),
             media_position_ms=media_position_ms,
+            file_name=file_name,
+            decode_seconds=decode_seconds,
         )
         self.stats.read += 1
+        self.stats.streaming = True
         return Frame(info, np.asarray(pixels, dtype=np.uint8))  # OpenCV decodes 8-bit BGR: no copy

@@ -28,7 +28,9 @@ class SourceStats:
     decoded: int = 0  # frames decoded; with PyAV and sampling, only those kept and the ones they refer to
     dropped: int = 0  # LIVE only: frames overwritten before anyone took them (freshness policy)
     errors: int = 0  # corrupt frames / undecodable images skipped, failed opens
+    skipped: int = 0  # images that could not be read, left out of the replay (each named in the log)
     reconnects: int = 0  # LIVE only
+    streaming: bool = False  # frames are coming: set by each frame, cleared when a camera reconnects
     last_error: str | None = None
 
 

@@ -166,6 +166,8 @@ class CameraSource(ThreadedSource):
                     return "the stream ended or a read failed", streamed
                 self.stats.decoded += 1
                 if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
+                    if not streamed and self.stats.reconnects:
+                        log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
                     streamed = True
                     handoff.put(self._new_frame(pixels))
             return "closed", streamed
@@ -199,8 +201,10 @@ class CameraSource(ThreadedSource):
                     self.stats.last_error = f"a damaged packet: {exc}"
                     continue
                 for frame in frames:
+                    if not streamed and self.stats.reconnects:
+                        log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
                     streamed = True
-                    handoff.put(self._new_frame(frame.pixels, frame.position_ms, frame.number))
+                    handoff.put(self._new_frame(frame.pixels, frame.position_ms, index=frame.number))
             return "the stream ended", streamed
         except LibraryError as exc:
             self.stats.errors += 1
@@ -231,6 +235,7 @@ class CameraSource(ThreadedSource):
                 self._start_reader(handoff)
 
     def _reconnecting(self, cause: str, delay: float) -> None:
+        self.stats.streaming = False
         self.stats.reconnects += 1
         self.stats.last_error = cause
         log.warning("camera %s (%s): %s; reconnecting in %.1f s", self.source_id, self.display_uri, cause, delay)

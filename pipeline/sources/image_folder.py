@@ -77,9 +77,10 @@ class ImageFolderSource(ThreadedSource):
             except SourceError as exc:
                 log.warning("source %s: skipping %s", self.source_id, exc)
                 self.stats.errors += 1
+                self.stats.skipped += 1
                 self.stats.last_error = str(exc)
                 continue
-            if not handoff.put(self._new_frame(pixels)):
+            if not handoff.put(self._new_frame(pixels, file_name=path)):
                 return
         handoff.end()
 
