@@ -12,7 +12,7 @@ from pipeline.frames import Frame
 from pipeline.sampler import Sampler, SamplingSettings
 from pipeline.sources import Source, SourceSettings, open_source
 from services.errors import ConfigError
-from tests.cameras import CLIPS, rtsp_camera
+from tests.cameras import CLIPS, free_port, rtsp_camera
 from tests.test_sources import CAMERA, consuming, eventually, positions, read_all
 
 CAMERA_CLIP = CLIPS / "bikes.mp4"  # 640×272, 25 fps, keyframes at irregular intervals
@@ -159,3 +159,14 @@ async def test_rtsp_cameras_deliver_keyframes_each_over_its_own_transport() -> N
         assert positions(frames)[2] - positions(frames)[1] == pytest.approx(expected[2] - expected[1], abs=1.0)
         assert source.stats.decoded == len(frames) + source.stats.dropped
         assert all(frame.pixels.shape == (272, 640, 3) for frame in frames)
+
+
+async def test_a_camera_that_refuses_is_reported_without_its_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"rtsp://viewer:s3cret@127.0.0.1:{free_port()}/cam"  # nothing listens there
+    source = open_source("door", url, CAMERA, SamplingSettings(fps=1))
+    async with consuming(source):
+        await eventually(lambda: source.stats.reconnects >= 2, "two failed connections")
+
+    assert source.stats.last_error == "could not open it: Connection refused"
+    assert "s3cret" not in caplog.text
+    assert "rtsp://***@127.0.0.1" in caplog.text

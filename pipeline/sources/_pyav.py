@@ -51,6 +51,11 @@ class DecodedFrame:
     number: int | None  # the frame's number in the stream, counting the frames not decoded; None: not known
 
 
+def describe(exc: LibraryError) -> str:
+    """FFmpeg's message without the URL PyAV appends to it, which may hold a camera's credentials."""
+    return exc.strerror or type(exc).__name__
+
+
 def open_video(
     uri: str, name: str, options: Mapping[str, str], timeout: tuple[float, float] | None, threads: int
 ) -> tuple[InputContainer, VideoStream]:
@@ -62,7 +67,7 @@ def open_video(
     except CorruptData as exc:
         raise SourceError(f"{name}: not a video FFmpeg can read") from exc
     except LibraryError as exc:
-        raise SourceError(f"{name}: {exc.strerror or exc}") from exc
+        raise SourceError(f"{name}: {describe(exc)}") from exc
     if not container.streams.video:
         container.close()
         raise SourceError(f"{name}: no video stream")
