@@ -114,6 +114,10 @@ def run(
             "replay 720p, downscaled, imagenet-int8",
             lambda: replays(lambda: run_replay(broker, clip, core_count, "--classifier", "imagenet-int8"), repeats),
         )
+        results["replay_720p_downscaled_objects"] = figure(
+            "replay 720p, downscaled, objects",
+            lambda: replays(lambda: run_replay(broker, clip, core_count, "--classifier", "objects"), repeats),
+        )
         results["replay_640x360_source"] = figure(
             "replay of a 640×360 clip", lambda: replays(lambda: run_replay(broker, clip_small, core_count), repeats)
         )
@@ -197,6 +201,10 @@ def add_ratios(results: dict[str, Any]) -> None:
         "downscaled_to_naive_loop": ratio(downscaled, naive),
         "downscaled_to_roboflow_peer": ratio(downscaled, peer),
         "downscaled_int8_to_roboflow_peer": ratio(median_fps(results["replay_720p_downscaled_int8"]), peer),
+        "replay_objects_to_imagenet": ratio(median_fps(results["replay_720p_downscaled_objects"]), downscaled),
+        "replay_objects_to_ceiling": ratio(
+            median_fps(results["replay_720p_downscaled_objects"]), results["ceiling_fps"]["640x360_objects"]
+        ),
         "grpc_to_in_process": ratio(median_fps(results["replay_grpc_720p_downscaled"]), downscaled),
         "service_batched_c16_to_c1": _service_ratio(service[0]),
         "service_unbatched_c16_to_c1": _service_ratio(service[1]),
@@ -247,6 +255,7 @@ def print_table(results: dict[str, Any]) -> None:
         "replay_720p_full_frames",
         "replay_720p_downscaled",
         "replay_720p_downscaled_int8",
+        "replay_720p_downscaled_objects",
         "replay_640x360_source",
         "replay_rss_4x_longer_clip",
         "replay_grpc_720p_downscaled",

@@ -128,16 +128,20 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
         ),
         "kafka_produce": repeat(lambda: asyncio.run(produce_ms(5000)), max(1, repeats // 2)),
     }
-    for name in ("moderation", "nudity"):
+    for name in ("moderation", "nudity", "objects"):
         other = load_classifier(name)
         costs[f"inference_{name}_batch1"] = repeat(lambda other=other: inference_ms(other, rgb_small, 1, 20), repeats)
-    common = ("video_decode_720p", "preprocess_imagenet", "inference_imagenet_batch1", "response_and_serialise")
-    common += ("kafka_produce",)
+    objects = load_classifier("objects")
+    costs["preprocess_objects"] = repeat(lambda: cpu_ms_per_call(lambda: objects.preprocess(rgb_small), 200), repeats)
+    imagenet_stages = ("preprocess_imagenet", "inference_imagenet_batch1")
+    common = ("video_decode_720p", "response_and_serialise", "kafka_produce")
+    small = ("resize_720p_to_640x360", "jpeg_encode_640x360", "jpeg_decode_640x360_simplejpeg")
     return StageCosts(
         per_stage_ms=costs,
         pipeline_stages={
-            "720p": (*common, "jpeg_encode_720p", "jpeg_decode_720p_simplejpeg"),
-            "640x360": (*common, "resize_720p_to_640x360", "jpeg_encode_640x360", "jpeg_decode_640x360_simplejpeg"),
+            "720p": (*common, *imagenet_stages, "jpeg_encode_720p", "jpeg_decode_720p_simplejpeg"),
+            "640x360": (*common, *imagenet_stages, *small),
+            "640x360_objects": (*common, "preprocess_objects", "inference_objects_batch1", *small),
         },
     )
 

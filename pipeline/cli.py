@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -31,6 +31,7 @@ from services.imaging import ImageLimits, sniff_format
 log = logging.getLogger("framelabel")
 
 LIBRARY_REPEAT_SECONDS = 10.0
+OPENCV_FFMPEG_LOG_LEVEL = "OPENCV_FFMPEG_LOGLEVEL"  # read once, at OpenCV's first FFmpeg open
 DEFAULT_CONSUME_BOOTSTRAP = "127.0.0.1:9092"
 
 
@@ -74,6 +75,11 @@ def _setup_logging(level: str) -> None:
             handler.addFilter(_not_reported_by_us)
         # OpenCV warns at every FFmpeg open that its lock is off, which we do on purpose (sources/_ffmpeg.py)
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    # FFmpeg's own lines ("[tcp @ 0x…] Connection to … failed") repeat, in its words, what framelabel says
+    # of each reconnect: OpenCV's FFmpeg stays quiet (panics only) unless debugging. PyAV's FFmpeg logs
+    # nothing by default, and stays so: PyAV warns that its log forwarding can deadlock reader threads.
+    if level != "debug":
+        os.environ.setdefault(OPENCV_FFMPEG_LOG_LEVEL, "0")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -178,24 +184,53 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _consume(args: argparse.Namespace) -> int:
     from pipeline.consumer import consume
-    from pipeline.records import record_json
+    from pipeline.events.record import event_json
+    from pipeline.records import DecodedRecord, record_json
 
     # without a config, the address of `framelabel broker`
     flags = {"bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP), "topic": args.topic}
-    records = consume(
+    items = consume(
         load_kafka_settings(args.config, flags),
         from_beginning=args.from_beginning,
         max_records=args.max,
         source_id=args.source,
         idle_timeout_s=args.idle_timeout,
+        group_id=args.group,
+        min_confidence=args.min_confidence,
     )
-    async for record in records:
-        if args.min_confidence is not None:
-            kept = [a for a in record.response.annotations if a.confidence >= args.min_confidence]
-            del record.response.annotations[:]
-            record.response.annotations.extend(kept)
-        print(json.dumps(record_json(record), ensure_ascii=False), flush=True)
+    async for item in items:
+        printed = record_json(item) if isinstance(item, DecodedRecord) else event_json(item)
+        print(json.dumps(printed, ensure_ascii=False), flush=True)
     return 0
+
+
+def _bounded(kind: type[float] | type[int], low: float, high: float | None, what: str) -> Callable[[str], float]:
+    """An argparse type that refuses values outside [low, high] (high None: no upper bound), naming the range."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} {bound}")
+        return value
+
+    return parse
+
+
+def _events(args: argparse.Namespace) -> int:
+    from pipeline.events.command import load_events_config, run_events
+
+    flags = {
+        "bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP),
+        "input_topic": args.input_topic,
+        "topic": args.topic,
+        "group": args.group,
+        "delivery": args.delivery,
+    }
+    return asyncio.run(run_events(*load_events_config(args.config, flags)))
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -277,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_flags(run, "/metrics, /healthz, /readyz, the live view at / and /api/sources")
     run.set_defaults(handler=_run)
 
-    consume = commands.add_parser("consume", help="print annotation records from Kafka as JSON lines")
+    consume = commands.add_parser("consume", help="print annotation records or events from Kafka as JSON lines")
     consume.add_argument(
         "--config", type=Path, help="read with the `kafka:` section of this run YAML (address, topic, TLS, SASL)"
     )
@@ -286,11 +321,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     consume.add_argument("--topic", help=f"(default: the config's, or {DEFAULT_TOPIC})")
     consume.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not the newest")
-    consume.add_argument("--max", type=int, metavar="N", help="stop after N records")
+    consume.add_argument("--max", type=_bounded(int, 0, None, "a count"), metavar="N", help="stop after N records")
     consume.add_argument("--source", metavar="ID", help="only this source's records")
-    consume.add_argument("--min-confidence", type=float, metavar="X", help="drop annotations below X")
-    consume.add_argument("--idle-timeout", type=float, metavar="S", help="stop when no record came for S seconds")
+    consume.add_argument(
+        "--min-confidence",
+        type=_bounded(float, 0, 1, "a confidence"),
+        metavar="X",
+        help="only records with an annotation ≥ X (printed with those alone), and events whose peak reaches X",
+    )
+    consume.add_argument(
+        "--idle-timeout",
+        type=_bounded(float, 0.001, None, "a number of seconds"),
+        metavar="S",
+        help="stop when no record came for S seconds (waiting for the topic included)",
+    )
+    consume.add_argument("--group", metavar="ID", help="read in this consumer group and commit: a restart resumes")
     consume.set_defaults(handler=lambda args: asyncio.run(_consume(args)))
+
+    events = commands.add_parser("events", help="turn annotation records into start/update/end events, on a topic")
+    events.add_argument("config", nargs="?", type=Path, help="a run YAML: its `kafka:` and `events:` sections")
+    events.add_argument(
+        "--bootstrap", help=f"Kafka bootstrap servers (default: the config's, or {DEFAULT_CONSUME_BOOTSTRAP})"
+    )
+    events.add_argument(
+        "--input-topic", help=f"the annotations topic (default: the config's kafka.topic, or {DEFAULT_TOPIC})"
+    )
+    events.add_argument("--topic", help="the events topic (default: framelabel.events)")
+    events.add_argument("--group", help="consumer group (default: framelabel-events)")
+    events.add_argument(
+        "--delivery",
+        choices=["auto", "exactly-once", "at-least-once"],
+        help="auto (default): exactly once where the broker has transactions, else at least once",
+    )
+    events.set_defaults(handler=_events)
 
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
     broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default: 9092; 0 picks a free one)")

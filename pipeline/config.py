@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.encoder import EncoderSettings
 from pipeline.kafka import KafkaSettings
 from pipeline.sampler import SamplingSettings
-from pipeline.sources import SourceSettings
+from pipeline.sources import SourceSettings, check_uri
 from services.config import MonitoringSettings, StrictModel, apply_metrics_flags, read_yaml, resolve_paths, validate
 from services.errors import ConfigError
 
@@ -37,7 +37,13 @@ class SourceConfig(SourceSettings, SamplingSettings, EncoderSettings):
     """One source's YAML entry: its identity, and the settings of the stages that serve it alone."""
 
     id: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-:/@]+$")]
-    uri: Annotated[str, Field(min_length=1, description="file, folder or glob, rtsp:// or http(s):// URL, device")]
+    uri: Annotated[str, Field(min_length=1, description="file, folder or glob, a stream URL FFmpeg reads, device")]
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        check_uri(uri)  # the URI is kept as written; the source reads it as check_uri does
+        return uri
 
 
 class AnnotatorConfig(StrictModel):
@@ -142,7 +148,7 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
     apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
-    return validate(RunConfig, data, str(path or "run defaults"))
+    return validate(RunConfig, data, str(path or "the command line"))
 
 
 def load_kafka_settings(path: Path | None, flags: Mapping[str, Any]) -> KafkaSettings:

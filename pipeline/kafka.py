@@ -135,15 +135,17 @@ def unreachable(connection: KafkaConnection, exc: BaseException, hint: str = "")
     return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}{hint}")
 
 
-async def ensure_topic(settings: KafkaSettings) -> None:
-    """Create the topic unless it exists; listing first, since a metadata lookup of one topic may auto-create it."""
+async def ensure_topic(settings: KafkaSettings, configs: dict[str, str] | None = None) -> None:
+    """Create the topic unless it exists; listing first, since a metadata lookup of one topic may auto-create it.
+
+    `configs`: topic settings for a new topic, such as `cleanup.policy: compact`."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await admin.start()
         if settings.topic in await admin.list_topics():
             return
         response = await admin.create_topics(
-            [NewTopic(settings.topic, settings.partitions, settings.replication_factor)]
+            [NewTopic(settings.topic, settings.partitions, settings.replication_factor, topic_configs=configs or {})]
         )
         for topic, error_code, *message in response.topic_errors:  # v1+ responses add a message
             error = for_code(error_code)

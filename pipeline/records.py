@@ -108,7 +108,7 @@ def decode_record(
     """Read a record as the Kafka client gives it; raise RecordFormatError when it is not ours."""
     if key is None or value is None:
         raise RecordFormatError("record has no key or no value")
-    texts = _header_texts(headers)
+    texts = header_texts(headers)
 
     def header(name: str) -> str:
         if name not in texts:
@@ -129,7 +129,7 @@ def decode_record(
     except ValueError:
         raise RecordFormatError(f"header {MEDIA_POSITION_MS!r} is not a number: {media_position!r}") from None
     return DecodedRecord(
-        source_id=_utf8(key, "key"),
+        source_id=utf8(key, "key"),
         frame_index=integer(FRAME_INDEX),
         media_position_ms=media_position_ms,
         capture_time_ms=integer(CAPTURE_TIME_MS),
@@ -158,12 +158,12 @@ def record_json(record: DecodedRecord) -> dict[str, Any]:
     }
 
 
-def _header_texts(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
+def header_texts(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, str]:
     # Kafka allows null header values; none of ours is null, so such a header counts as absent.
-    return {name: _utf8(raw, f"header {name!r}") for name, raw in headers if raw is not None}
+    return {name: utf8(raw, f"header {name!r}") for name, raw in headers if raw is not None}
 
 
-def _utf8(raw: bytes, what: str) -> str:
+def utf8(raw: bytes, what: str) -> str:
     try:
         return raw.decode()
     except UnicodeDecodeError:

@@ -10,6 +10,11 @@ families match the shipped models:
   Caffe mean; the network already ends in a softmax.
 - `nudenet`: NudeNet v3 `320n` detector (YOLOv8), padded to a square, 320×320,
   RGB / 255; a label's confidence is its best score over all candidate boxes.
+- `yolov3`: Darknet's YOLOv3 heads (YOLOv3-tiny, COCO, exported by
+  tools/export_objects.py), letterboxed into 416×416 on Darknet's grey,
+  RGB / 255; its output is the heads' raw terms side by side, and a label's
+  confidence is its best box score, sigmoid(objectness) × sigmoid(class logit),
+  over all candidate boxes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from numpy.typing import NDArray
 
 from services.imaging import RGBImage, resize
 
-FamilyName = Literal["efficientnet", "open_nsfw", "nudenet"]
+FamilyName = Literal["efficientnet", "open_nsfw", "nudenet", "yolov3"]
 Tensor = NDArray[np.float32]
 
 
@@ -97,8 +102,35 @@ class NudeNet:
         return result
 
 
+class YoloV3:
+    SIZE = 416
+    FILL = 0.5  # Darknet letterboxes on mid grey
+    OBJECTNESS = 4  # the row after the box terms tx, ty, tw, th; the class logits follow
+
+    def preprocess(self, pixels: RGBImage) -> Tensor:
+        height, width = pixels.shape[:2]
+        scale = self.SIZE / max(height, width)
+        inner_w, inner_h = max(1, round(width * scale)), max(1, round(height * scale))
+        canvas = np.full((self.SIZE, self.SIZE, 3), self.FILL, dtype=np.float32)
+        top, left = (self.SIZE - inner_h) // 2, (self.SIZE - inner_w) // 2
+        canvas[top : top + inner_h, left : left + inner_w] = resize(pixels, inner_w, inner_h) / np.float32(255.0)
+        return canvas.transpose(2, 0, 1)
+
+    def confidences(self, output: Tensor) -> NDArray[np.float64]:
+        logits = output.astype(np.float64)  # (85, candidates)
+        box_scores = _sigmoid(logits[self.OBJECTNESS]) * _sigmoid(logits[self.OBJECTNESS + 1 :])
+        result: NDArray[np.float64] = box_scores.max(axis=1)
+        return result
+
+
+def _sigmoid(logits: NDArray[np.float64]) -> NDArray[np.float64]:
+    result: NDArray[np.float64] = 0.5 * (1.0 + np.tanh(0.5 * logits))  # no overflow for large negatives
+    return result
+
+
 FAMILIES: dict[str, ModelFamily] = {
     "efficientnet": EfficientNet(),
     "open_nsfw": OpenNsfw(),
     "nudenet": NudeNet(),
+    "yolov3": YoloV3(),
 }

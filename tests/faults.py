@@ -206,7 +206,9 @@ class PipelineRun:
         try:
             code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"framelabel run still running after {timeout:g} s; its log:\n{self.log()}") from None
+            raise AssertionError(
+                f"{self.process.args} still running after {timeout:g} s; its log:\n{self.log()}"
+            ) from None
         finally:
             if self.process.poll() is None:
                 self.process.kill()
@@ -233,8 +235,15 @@ class PipelineRun:
 @contextlib.contextmanager
 def pipeline_run(config: Path, env: dict[str, str] | None = None) -> Iterator[PipelineRun]:
     """Start the run; at the end it is stopped (SIGTERM, then SIGKILL) if the test has not finished it."""
+    with framelabel_process("run", str(config), env=env) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def framelabel_process(*args: str, env: dict[str, str] | None = None) -> Iterator[PipelineRun]:
+    """`framelabel ARGS` in a child process, its output collected; stopped at the end if still running."""
     process = subprocess.Popen(
-        [FRAMELABEL, "run", str(config)],
+        [FRAMELABEL, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -155,6 +155,13 @@ def test_annotate_a_photo_in_process(installed: Installed) -> None:
     assert annotations[0]["confidence"] > 0.9
 
 
+def test_annotate_with_the_packaged_objects_model(installed: Installed) -> None:
+    (installed.cwd / "coffee.jpg").write_bytes(jpeg(photo("coffee")))
+    result = installed.run("annotate", "--classifier", "objects", "coffee.jpg", "--top", "1")
+    assert result.returncode == 0, result.stderr
+    assert [a["label"]["name"] for a in json.loads(result.stdout)["response"]["annotations"]] == ["cup"]
+
+
 def wait_until_serving(channel: grpc.Channel, process: subprocess.Popen[bytes]) -> bool:
     """Whether the health service says SERVING before START_TIMEOUT, or before `process` exits."""
     health = health_pb2_grpc.HealthStub(channel)

@@ -199,9 +199,13 @@ async def test_consumer_filters_by_source_and_stops_at_max_records(broker: Embed
     assert [(record.source_id, record.frame_index) for record in records] == [("cam-b", index) for index in range(5)]
 
 
-async def test_consuming_a_missing_topic_says_so(broker: EmbeddedBroker) -> None:
-    with pytest.raises(ConsumeError, match=f"topic nowhere does not exist at {broker.address}"):
-        await anext(consume(connection(broker.address, "nowhere"), from_beginning=True))
+async def test_consuming_a_missing_topic_waits_for_it_and_says_so(
+    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="framelabel.consume")
+    records = consume(connection(broker.address, "nowhere"), from_beginning=True, idle_timeout_s=0.5)
+    assert [record async for record in records] == []
+    assert f"waiting for topic nowhere at {broker.address} to be created" in caplog.text
 
 
 async def test_default_idempotence_gives_way_to_a_broker_without_it(

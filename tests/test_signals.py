@@ -118,3 +118,15 @@ def test_serve_on_a_port_in_use_is_one_clear_error(imagenet_service: ServiceProc
         f"framelabel: error: cannot listen on 127.0.0.1:{imagenet_service.port}: Address already in use"
     )
     assert "add_port" not in result.stderr  # no raw gRPC log line before it
+
+
+async def test_a_camera_that_refuses_is_reported_in_framelabels_words_only(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    sources = [{"id": "gate", "uri": f"rtsp://127.0.0.1:{closed}/cam", "backoff_max_seconds": 0.5}]
+    with pipeline_run(write_run_config(tmp_path, "embedded", sources)) as run:
+        await eventually(lambda: run.log().count("reconnecting in") >= 2, "two reconnect attempts")
+        assert await run.end(signal.SIGTERM) == 0, run.log()
+    assert "camera gate (rtsp://127.0.0.1:" in run.log()
+    assert "tcp @" not in run.log()  # FFmpeg's own line for each attempt ("[tcp @ 0x…] Connection to … failed")

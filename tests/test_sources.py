@@ -107,11 +107,21 @@ def positions(frames: list[Frame]) -> list[float]:
         (str(CLIPS), DeliveryPolicy.REPLAY),
         (str(CLIP), DeliveryPolicy.REPLAY),
         ("recordings/2024-05-01.mkv", DeliveryPolicy.REPLAY),
+        ("rtmp://media.example/live/gate", DeliveryPolicy.LIVE),
+        ("srt://10.0.0.9:9000", DeliveryPolicy.LIVE),
+        ("udp://239.0.0.1:1234", DeliveryPolicy.LIVE),
+        (f"file://{CLIP}", DeliveryPolicy.REPLAY),
+        (f"file://{CLIPS}/", DeliveryPolicy.REPLAY),
     ],
 )
 def test_policy_follows_the_kind_of_source(uri: str, policy: DeliveryPolicy) -> None:
     assert source_policy(uri) is policy
     assert open_source("s", uri, SourceSettings()).policy is policy
+
+
+def test_an_unknown_scheme_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown scheme rtps:// in rtps://\*\*\*@cam/s: known ones are .*rtsp://"):
+        open_source("s", "rtps://user:pw@cam/s", SourceSettings())
 
 
 def test_rtsp_cameras_of_one_process_share_one_transport() -> None:

@@ -4,9 +4,11 @@
 
 The URI picks the kind and with it the delivery policy:
 
-    rtsp://, rtsps://, http://, https://, /dev/videoN, N   camera.CameraSource            LIVE
+    rtsp(s)://, rtmp(s)://, srt://, udp://, rtp://, tcp://,
+    http(s)://, /dev/videoN, N                             camera.CameraSource            LIVE
     a directory, or a glob with * ? [                      image_folder.ImageFolderSource REPLAY
-    anything else                                          video_file.VideoFileSource     REPLAY
+    file:///path, or any other path                        video_file.VideoFileSource     REPLAY
+    any other scheme://                                    refused, naming the known schemes
 
 Video files and streams decode with PyAV when the source samples with `fps`
 or `keyframes`, so that the frames sampled out are never decoded, and with
@@ -28,7 +30,7 @@ from typing import Protocol, Self
 from pipeline.frames import DeliveryPolicy, Frame
 from pipeline.sampler import SamplingSettings
 from pipeline.sources._types import SourceError, SourceSettings, SourceStats
-from pipeline.sources.camera import CameraSource, is_camera
+from pipeline.sources.camera import LIVE_SCHEMES, CameraSource, is_camera, mask_credentials
 from pipeline.sources.image_folder import ImageFolderSource, is_glob
 from pipeline.sources.video_file import VideoFileSource
 
@@ -60,9 +62,20 @@ class Source(Protocol):
         ...
 
 
-def _source_class(uri: str) -> type[CameraSource | ImageFolderSource | VideoFileSource]:
+def check_uri(uri: str) -> str:
+    """The URI as a source reads it (`file://` dropped); ValueError for an empty one or an unknown scheme."""
     if not uri.strip():
         raise ValueError("a source URI must not be empty")
+    scheme, separator, rest = uri.partition("://")
+    if not separator or scheme.lower() in LIVE_SCHEMES:
+        return uri
+    if scheme.lower() == "file":
+        return rest
+    known = ", ".join(f"{name}://" for name in sorted(LIVE_SCHEMES | {"file"}))
+    raise ValueError(f"unknown scheme {scheme}:// in {mask_credentials(uri)}: known ones are {known}, or a path")
+
+
+def _source_class(uri: str) -> type[CameraSource | ImageFolderSource | VideoFileSource]:
     if is_camera(uri):
         return CameraSource
     if is_glob(uri) or uri.endswith(("/", os.sep)) or os.path.isdir(uri):
@@ -72,7 +85,7 @@ def _source_class(uri: str) -> type[CameraSource | ImageFolderSource | VideoFile
 
 def source_policy(uri: str) -> DeliveryPolicy:
     """LIVE for cameras, REPLAY for video files and image folders."""
-    return _source_class(uri).policy
+    return _source_class(check_uri(uri)).policy
 
 
 def open_source(source_id: str, uri: str, settings: SourceSettings, sampling: SamplingSettings | None = None) -> Source:
@@ -82,7 +95,8 @@ def open_source(source_id: str, uri: str, settings: SourceSettings, sampling: Sa
     ConfigError if the decoder cannot apply it (keyframes from a local device, say)."""
     if not source_id:
         raise ValueError("a source id must not be empty")
+    uri = check_uri(uri)
     return _source_class(uri)(source_id, uri, settings, sampling or SamplingSettings())
 
 
-__all__ = ["Source", "SourceError", "SourceSettings", "SourceStats", "open_source", "source_policy"]
+__all__ = ["Source", "SourceError", "SourceSettings", "SourceStats", "check_uri", "open_source", "source_policy"]

@@ -183,10 +183,11 @@ class ThreadedSource(abc.ABC):
         self,
         pixels: MatLike,
         media_position_ms: float | None = None,
-        file_name: str | None = None,
         index: int | None = None,
+        file_name: str | None = None,
     ) -> Frame:
-        """Stamp a frame just read: its index (by default the next one), now as its capture time, its reading cost."""
+        """Stamp a frame just read: its index (by default the next one), now as its capture time, and what
+        reading it cost."""
         cpu_now = time.thread_time()  # counts from the thread's start, so a thread's first frame includes opening
         decode_seconds = cpu_now - getattr(self._cpu_mark, "seconds", 0.0)
         self._cpu_mark.seconds = cpu_now

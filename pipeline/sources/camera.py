@@ -42,7 +42,8 @@ from services.errors import ConfigError
 
 log = logging.getLogger("framelabel.sources")
 
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+# streams FFmpeg reads live: a URL with one of these schemes is a camera
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "rtp", "tcp", "http", "https"})
 RTSP_SCHEMES = frozenset({"rtsp", "rtsps"})
 DEVICE = re.compile(r"\d+|/dev/video\d+")  # a device index, or a V4L2 device path
 CREDENTIALS = re.compile(r"(?<=://)[^/]*@")  # user:password@ (up to the last @ of the authority)
@@ -166,8 +167,7 @@ class CameraSource(ThreadedSource):
                     return "the stream ended or a read failed", streamed
                 self.stats.decoded += 1
                 if reader.expect_frame():  # unless the watchdog has given up on this reader meanwhile
-                    if not streamed and self.stats.reconnects:
-                        log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
+                    self._say_if_back(streamed)
                     streamed = True
                     handoff.put(self._new_frame(pixels))
             return "closed", streamed
@@ -201,8 +201,7 @@ class CameraSource(ThreadedSource):
                     self.stats.last_error = f"a damaged packet: {describe(exc)}"
                     continue
                 for frame in frames:
-                    if not streamed and self.stats.reconnects:
-                        log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
+                    self._say_if_back(streamed)
                     streamed = True
                     handoff.put(self._new_frame(frame.pixels, frame.position_ms, index=frame.number))
             return "the stream ended", streamed
@@ -233,6 +232,11 @@ class CameraSource(ThreadedSource):
             if self._reader is not None and self._reader.abandon_if_stalled(stall_seconds):
                 self._reconnecting(f"stalled: no frame for {stall_seconds:g} s", 0.0)
                 self._start_reader(handoff)
+
+    def _say_if_back(self, streamed: bool) -> None:
+        """One line when the first frame of a connection follows a reconnect."""
+        if not streamed and self.stats.reconnects:
+            log.info("camera %s (%s): streaming again", self.source_id, self.display_uri)
 
     def _reconnecting(self, cause: str, delay: float) -> None:
         self.stats.streaming = False

@@ -1,0 +1,352 @@
+"""The events stage: annotations topic → EventTracker → events topic, in a consumer group.
+
+Each batch of annotation records is turned into event messages; the messages, the new state of
+every source the batch touched (the changelog topic `<events topic>.state`, one record per source,
+in the partition of the source's annotations) and the batch's input offsets are then written:
+
+- exactly once, where the broker has transactions: all three in one transaction
+  (`send_offsets_to_transaction`), so a crash at any point leaves either all of a batch or none;
+  a `read_committed` consumer sees every event once;
+- at least once otherwise (Tansu): messages, then state, then offsets, each waited for, so a crash
+  repeats at most the last batch's messages, with the same event ids.
+
+A restarted stage (or one given partitions by a rebalance) reads the state of its partitions back
+from the changelog before it goes on. In exactly-once mode one instance reads every partition (the
+transactional id is the group's, so a second instance fences the first); in at-least-once mode the
+group's members share the partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Self, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from pipeline.events.record import encode_event
+from pipeline.events.settings import EventsConfig
+from pipeline.events.tracker import EventTracker, Observation
+from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, unreachable
+from pipeline.records import RecordFormatError, decode_record
+from services.api.event_pb2 import AnnotationEvent
+from services.api.image_classifier_pb2 import ClassifierSpecification
+from services.errors import FramelabelError
+
+log = logging.getLogger("framelabel.events")
+
+POLL_TIMEOUT_MS = 200
+TOPIC_WAIT_S = 1.0
+# the changelog is read to its end: its end offset, and quiet for RESTORE_QUIET_S (Tansu's end offsets
+# fall one short); an end offset not reached after RESTORE_GIVE_UP_S of quiet is taken to be wrong
+RESTORE_QUIET_S = 0.3
+RESTORE_GIVE_UP_S = 3.0
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_INTERVAL_MS = 500
+
+Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+class EventsError(FramelabelError):
+    """The events stage cannot go on: Kafka refused it, or exactly once was asked of a broker without it."""
+
+
+class EventsStage:
+    """`async with` it, then `await run()` until `stop()`."""
+
+    def __init__(self, connection: KafkaConnection, config: EventsConfig) -> None:
+        self._connection = connection
+        self._config = config
+        self._tracker = EventTracker(config, config.classifier_name)
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._transactional = False
+        self._stopping = asyncio.Event()
+        self._partition_of: dict[str, int] = {}  # source → the input partition its records (and state) live in
+        self._heard_at: dict[str, float] = {}  # source → time.monotonic() of its last record, for "offline"
+        self.published = 0  # event messages written (in exactly-once mode: committed)
+        self.processed = 0  # annotation records read
+
+    @property
+    def mode(self) -> str:
+        return "exactly once (Kafka transactions)" if self._transactional else "at least once"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        config = self._config
+        await self._wait_for_topic(config.input_topic)
+        input_partitions = await self._partition_count(config.input_topic)
+        await ensure_topic(self._settings(config.topic, config.partitions))
+        await ensure_topic(self._settings(config.state_topic, input_partitions), {"cleanup.policy": "compact"})
+        state_partitions = await self._partition_count(config.state_topic)
+        if state_partitions != input_partitions:
+            raise EventsError(
+                f"topic {config.state_topic} has {state_partitions} partitions, {config.input_topic} has "
+                f"{input_partitions}: they must match (delete {config.state_topic} to start afresh)"
+            )
+        self._producer = await self._start_producer()
+        self._consumer = AIOKafkaConsumer(
+            **client_options(self._connection),
+            group_id=config.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            # the annotations are not written in transactions, so read_committed would add nothing (and
+            # noida-db 0.2.3 hides records written without a transaction from read_committed readers)
+            isolation_level="read_uncommitted",
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        )
+        try:
+            await self._consumer.start()
+        except KafkaError as exc:
+            raise unreachable(self._connection, exc) from exc
+        if self._transactional:
+            # One member owns every partition: the transactional id fences an older instance (a zombie), and
+            # the group only keeps the offsets the transactions commit. No group membership, so a restart
+            # after a crash need not wait out the dead member's session (noida-db never settles that).
+            partitions = {TopicPartition(config.input_topic, partition) for partition in range(input_partitions)}
+            self._consumer.assign(sorted(partitions))
+            await self.restore(set(range(input_partitions)))
+        else:
+            self._consumer.subscribe([config.input_topic], listener=_Rebalance(self))
+        if self._transactional:
+            log.info("events: exactly once (Kafka transactions): input offsets commit with the events they produce")
+        else:
+            log.info(
+                "events: at least once (the broker at %s has no transactions): after a crash the last batch's "
+                "events may repeat, with the same event_id and sequence",
+                self._connection.bootstrap_servers,
+            )
+        log.info("events: %s → %s, group %s", config.input_topic, config.topic, config.group)
+
+    def stop(self) -> None:
+        """End `run()` after the batch under way is written."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        consumer = self._require(self._consumer)
+        while not self._stopping.is_set():
+            try:
+                fetched = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=self._config.batch_records)
+            except KafkaError as exc:
+                raise EventsError(f"reading {self._config.input_topic} failed: {exc}") from exc
+            messages: list[AnnotationEvent] = []
+            touched: set[str] = set()
+            offsets: dict[TopicPartition, int] = {}
+            for partition, records in fetched.items():
+                for record in records:
+                    messages += self._observe(record, touched)
+                offsets[partition] = records[-1].offset + 1
+                self.processed += len(records)
+            messages += self._close_silent(touched)
+            if messages or touched or offsets:
+                await self._write(messages, touched, offsets)
+
+    async def close(self) -> None:
+        consumer, producer, self._consumer, self._producer = self._consumer, self._producer, None, None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+
+    def _observe(self, record: ConsumerRecord[bytes, bytes], touched: set[str]) -> list[AnnotationEvent]:
+        try:
+            decoded = decode_record(record.key, record.value, record.headers, record.timestamp)
+        except RecordFormatError as exc:
+            log.warning("skipped %s partition %d offset %d: %s", record.topic, record.partition, record.offset, exc)
+            return []
+        source_id = decoded.source_id
+        touched.add(source_id)
+        self._partition_of[source_id] = record.partition
+        self._heard_at[source_id] = time.monotonic()
+        response = decoded.response
+        return self._tracker.observe(
+            Observation(
+                source_id,
+                decoded.frame_index,
+                decoded.capture_time_ms,
+                response.classifier_specification.classification_type == ClassifierSpecification.MULTI_CLASS,
+                {annotation.label.name: annotation.confidence for annotation in response.annotations},
+            )
+        )
+
+    def _close_silent(self, touched: set[str]) -> list[AnnotationEvent]:
+        now, messages = time.monotonic(), []
+        for source_id in self._tracker.sources:
+            silent_ms = round((now - self._heard_at.get(source_id, now)) * 1000)
+            if silent_ms and (closed := self._tracker.close_silent(source_id, silent_ms)):
+                messages += closed
+                touched.add(source_id)
+        return messages
+
+    async def _write(
+        self, messages: Sequence[AnnotationEvent], touched: set[str], offsets: dict[TopicPartition, int]
+    ) -> None:
+        producer = self._require(self._producer)
+        try:
+            if self._transactional:
+                async with producer.transaction():
+                    await self._send(producer, messages, touched)
+                    if offsets:
+                        await producer.send_offsets_to_transaction(offsets, self._config.group)
+            else:
+                await self._send(producer, messages, touched)
+                if offsets:
+                    await self._require(self._consumer).commit(offsets)
+        except KafkaError as exc:
+            raise EventsError(f"writing events to {self._config.topic} failed: {exc}") from exc
+        self.published += len(messages)
+
+    async def _send(self, producer: AIOKafkaProducer, messages: Sequence[AnnotationEvent], touched: set[str]) -> None:
+        """Send the messages, then the sources' state, and wait until Kafka has them all."""
+        deliveries = []
+        for message in messages:
+            record = encode_event(message, self._config.value_format)
+            deliveries.append(
+                await producer.send(
+                    self._config.topic,
+                    record.value,
+                    key=record.key,
+                    timestamp_ms=record.timestamp_ms,
+                    headers=record.headers,
+                )
+            )
+        for source_id in sorted(touched):
+            snapshot = self._tracker.snapshot(source_id)
+            value = None if snapshot is None else json.dumps(snapshot, separators=(",", ":")).encode()
+            partition = self._partition_of.get(source_id)
+            deliveries.append(
+                await producer.send(self._config.state_topic, value, key=source_id.encode(), partition=partition)
+            )
+        await asyncio.gather(*deliveries)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        options = client_options(self._connection)
+        if self._config.delivery != "at-least-once":
+            producer = AIOKafkaProducer(**options, transactional_id=f"framelabel-events.{self._config.group}")
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                if self._config.delivery == "exactly-once":
+                    raise EventsError(
+                        f"exactly once needs Kafka transactions, which the broker at "
+                        f"{self._connection.bootstrap_servers} refused: {exc}"
+                    ) from exc
+            else:
+                self._transactional = True
+                return producer
+        producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=False)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise unreachable(self._connection, exc) from exc
+        return producer
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Read the state of the sources in `partitions` back from the changelog, to its end."""
+        self.revoke(partitions)
+        if not partitions:
+            return
+        reader = AIOKafkaConsumer(
+            **client_options(self._connection),
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed" if self._transactional else "read_uncommitted",
+        )
+        await reader.start()
+        try:
+            assigned = [TopicPartition(self._config.state_topic, partition) for partition in sorted(partitions)]
+            reader.assign(assigned)
+            await reader.seek_to_beginning(*assigned)
+            ends = await reader.end_offsets(assigned)
+            saved: dict[str, tuple[int, Any]] = {}
+            quiet_since = time.monotonic()
+            while (quiet := time.monotonic() - quiet_since) < RESTORE_QUIET_S or (
+                quiet < RESTORE_GIVE_UP_S and not await _reached(reader, ends)
+            ):
+                fetched = await reader.getmany(timeout_ms=POLL_TIMEOUT_MS)
+                for partition, records in fetched.items():
+                    for record in records:
+                        if record.key is not None:
+                            value = None if record.value is None else json.loads(record.value)
+                            saved[record.key.decode()] = (partition.partition, value)
+                if fetched:
+                    quiet_since = time.monotonic()
+        finally:
+            await reader.stop()
+        now = time.monotonic()
+        for source_id, (partition, snapshot) in saved.items():
+            self._tracker.restore(source_id, snapshot)
+            if snapshot is not None:
+                self._partition_of[source_id] = partition
+                self._heard_at[source_id] = now  # silence is counted from our start, not from before it
+        open_events = sum(self._tracker.open_events(source_id) for source_id in self._tracker.sources)
+        log.info("events: state of %d sources restored (%d events open)", len(self._tracker.sources), open_events)
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Forget the sources of partitions another member now owns: their state lives on in the changelog."""
+        for source_id, partition in list(self._partition_of.items()):
+            if partition in partitions:
+                self._tracker.restore(source_id, None)
+                del self._partition_of[source_id]
+
+    async def _wait_for_topic(self, topic: str) -> None:
+        said = False
+        while await self._partition_count(topic) == 0:
+            if not said:
+                log.info("events: waiting for topic %s at %s", topic, self._connection.bootstrap_servers)
+                said = True
+            await asyncio.sleep(TOPIC_WAIT_S)
+
+    async def _partition_count(self, topic: str) -> int:
+        consumer = AIOKafkaConsumer(**client_options(self._connection), group_id=None)
+        try:
+            await consumer.start()
+            await consumer.topics()
+        except KafkaError as exc:
+            raise unreachable(self._connection, exc) from exc
+        finally:
+            with contextlib.suppress(KafkaError):
+                await consumer.stop()
+        return len(consumer.partitions_for_topic(topic) or ())
+
+    def _settings(self, topic: str, partitions: int) -> KafkaSettings:
+        return KafkaSettings.model_validate(
+            self._connection.model_dump()
+            | {"sasl_password": self._connection.sasl_password}
+            | {"topic": topic, "partitions": partitions}
+        )
+
+    @staticmethod
+    def _require(client: Client | None) -> Client:
+        if client is None:
+            raise EventsError("the events stage is not started")
+        return client
+
+
+async def _reached(reader: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    return all([await reader.position(partition) >= end for partition, end in ends.items()])
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, stage: EventsStage) -> None:
+        self._stage = stage
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._stage.revoke({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._stage.restore({tp.partition for tp in assigned})

@@ -1,0 +1,197 @@
+"""The events stage against real brokers: `framelabel events` on Tansu (at least once), and on noida-db
+(exactly once) killed with SIGKILL five times."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from pipeline.consumer import consume
+from pipeline.events.record import decode_event, is_event_record
+from pipeline.events.settings import EventsConfig
+from pipeline.events.tracker import EventTracker, Observation
+from pipeline.frames import AnnotatedFrame, FrameInfo
+from pipeline.kafka import KafkaSettings, ensure_topic
+from pipeline.records import encode_record
+from services.api.event_pb2 import AnnotationEvent
+from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
+from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker
+from tests.kafka import QUIET_S, connection, kafka_broker
+
+START, END = AnnotationEvent.START, AnnotationEvent.END
+FRAME_MS = 40  # 25 fps of capture time
+EPOCH_MS = int(time.time() * 1000)  # recent: a broker's retention deletes records stamped a week ago
+RULES = {
+    "rules": [{"match": "*", "enter_threshold": 0.5, "exit_threshold": 0.3, "window_frames": 3, "grace_seconds": 0.2}],
+    "batch_records": 40,
+}
+OFFLINE_GRACE_S = 0.2  # a source silent this long (wall clock) has its events end as offline
+
+
+def scored_frame(source_id: str, index: int, scores: dict[str, float]) -> AnnotatedFrame:
+    response = AnnotationResponse(
+        request_id=f"{source_id}/{index}",
+        classifier_specification=ClassifierSpecification(classification_type=ClassifierSpecification.MULTI_CLASS),
+        annotations=[ClassAnnotation(label=Label(name=name), confidence=score) for name, score in scores.items()],
+    )
+    info = FrameInfo(source_id, index, EPOCH_MS + index * FRAME_MS, 0.0)
+    return AnnotatedFrame(info, response, width=64, height=48)
+
+
+def scene_changes(source_id: str, first: int, count: int, period: int) -> list[AnnotatedFrame]:
+    """`dog` and `cat` taking turns every `period` frames."""
+    return [
+        scored_frame(source_id, i, {"dog": 0.8, "cat": 0.1} if (i // period) % 2 == 0 else {"cat": 0.7, "dog": 0.2})
+        for i in range(first, first + count)
+    ]
+
+
+async def publish(address: str, topic: str, frames: Sequence[AnnotatedFrame]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False, acks="all")
+    await producer.start()
+    try:
+        deliveries = []
+        for frame in frames:
+            record = encode_record(frame, "protobuf")
+            deliveries.append(
+                await producer.send(
+                    topic, record.value, key=record.key, timestamp_ms=record.timestamp_ms, headers=record.headers
+                )
+            )
+        await asyncio.gather(*deliveries)
+    finally:
+        await producer.stop()
+
+
+class EventReader:
+    """Reads the events topic from the start, in the background (read_committed)."""
+
+    def __init__(self, address: str, topic: str) -> None:
+        self.events: list[AnnotationEvent] = []
+        self._consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=address, auto_offset_reset="earliest", isolation_level="read_committed"
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventReader:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            for records in (await self._consumer.getmany(timeout_ms=100)).values():
+                for record in records:
+                    assert is_event_record(record.headers)
+                    self.events.append(decode_event(record.key, record.value, record.headers))
+
+
+def expected_events(config: EventsConfig, frames: Sequence[AnnotatedFrame]) -> list[AnnotationEvent]:
+    """What an unkilled stage publishes for these frames, ending each source as offline once they stop."""
+    tracker = EventTracker(config, config.classifier_name)
+    messages = []
+    for frame in frames:
+        scores = {a.label.name: a.confidence for a in frame.response.annotations}
+        messages += tracker.observe(
+            Observation(frame.info.source_id, frame.info.index, frame.info.capture_time_ms, True, scores)
+        )
+    for source_id in sorted({frame.info.source_id for frame in frames}):
+        messages += tracker.close_silent(source_id, 60_000)
+    return messages
+
+
+def in_order(events: Sequence[AnnotationEvent]) -> list[AnnotationEvent]:
+    return sorted(events, key=lambda e: (e.source_id, e.start_time_ms, e.label, e.sequence))
+
+
+def write_config(folder: Path, address: str, topic: str, **events: object) -> Path:
+    path = folder / "events.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": address, "topic": topic, "enable_idempotence": False},
+                "events": RULES | {"topic": f"{topic}.events"} | events,
+            }
+        )
+    )
+    return path
+
+
+async def wait_for_line(process: PipelineRun, text: str) -> None:
+    try:
+        await eventually(lambda: text in process.log() or process.process.poll() is not None, f"log line {text!r}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; the log:\n{process.log()}") from None
+    assert text in process.log(), process.log()
+
+
+async def test_events_on_tansu_are_at_least_once_and_a_restart_resumes(tmp_path: Path) -> None:
+    async with kafka_broker() as broker:
+        config_file = write_config(tmp_path, broker.address, "frames")
+        config = EventsConfig.model_validate(RULES | {"input_topic": "frames"})
+        first_part = scene_changes("gate", 0, 60, period=25) + scene_changes("yard", 0, 30, period=40)
+        second_part = scene_changes("gate", 60, 40, period=25)
+        async with EventReader(broker.address, "frames.events") as reader:
+            with framelabel_process("events", str(config_file)) as stage:
+                await wait_for_line(stage, "waiting for topic frames")  # started before the run that publishes
+                await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=2))
+                await wait_for_line(stage, "at least once")
+                await publish(broker.address, "frames", first_part)
+                # both sources then fall silent: their open events end as offline after the grace time
+                first_expected = expected_events(config, first_part)
+                await eventually(lambda: len(reader.events) >= len(first_expected), f"{len(first_expected)} events")
+                assert stage.finish(signal.SIGTERM) == 0
+            with framelabel_process("events", str(config_file)) as stage:
+                await publish(broker.address, "frames", second_part)
+                expected = first_expected + expected_events(config, second_part)
+                await eventually(lambda: len(reader.events) >= len(expected), f"{len(expected)} events")
+                assert stage.finish(signal.SIGTERM) == 0
+        # nothing read twice after the restart: it went on from the committed offsets
+        assert in_order(reader.events) == in_order(expected)
+        consumed = consume(connection(broker.address, "frames.events"), from_beginning=True, idle_timeout_s=QUIET_S)
+        assert in_order([event async for event in consumed]) == in_order(reader.events)  # the API decodes events too
+        offline = [(e.source_id, e.label) for e in reader.events if e.end_reason == AnnotationEvent.SOURCE_OFFLINE]
+        assert sorted(offline) == [("gate", "cat"), ("gate", "dog"), ("yard", "dog")]
+        gate = [(e.label, AnnotationEvent.State.Name(e.state)) for e in reader.events if e.source_id == "gate"]
+        assert gate[:3] == [("dog", "START"), ("cat", "START"), ("dog", "END")]  # the grace time overlaps the change
+
+
+async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp_path: Path) -> None:
+    frames = [frame for source in ("a", "b", "c") for frame in scene_changes(source, 0, 400, period=30)]
+    frames.sort(key=lambda frame: frame.info.index)  # the sources interleaved, each in its own order
+    with noida_broker(tmp_path / "noida") as broker:
+        await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=3))
+        await publish(broker.address, "frames", frames)
+        # small transactions, so that the kills land in the middle of the work
+        config_file = write_config(tmp_path, broker.address, "frames", delivery="exactly-once", batch_records=10)
+        config = EventsConfig.model_validate(RULES | {"input_topic": "frames"})
+        expected = expected_events(config, frames)
+        kills = random.Random()
+        seen_at_kills = []
+        async with EventReader(broker.address, "frames.events") as reader:
+            for _ in range(5):
+                with framelabel_process("events", str(config_file)) as stage:
+                    await wait_for_line(stage, "exactly once (Kafka transactions)")
+                    await asyncio.sleep(kills.uniform(0.0, 1.0))  # a random point of its work, not a synchronisation
+                    stage.process.kill()
+                    stage.finish()
+                seen_at_kills.append(len(reader.events))
+            with framelabel_process("events", str(config_file)) as stage:
+                await wait_for_line(stage, "exactly once (Kafka transactions)")
+                await eventually(lambda: len(reader.events) >= len(expected), f"{len(expected)} events")
+                assert stage.finish(signal.SIGTERM) == 0
+        assert len(expected) > 60
+        assert any(0 < seen < len(expected) for seen in seen_at_kills), seen_at_kills  # killed mid-work
+        assert in_order(reader.events) == in_order(expected)
