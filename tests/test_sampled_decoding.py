@@ -12,7 +12,7 @@ from pipeline.frames import Frame
 from pipeline.sampler import Sampler, SamplingSettings
 from pipeline.sources import Source, SourceSettings, open_source
 from services.errors import ConfigError
-from tests.cameras import CLIPS, rtsp_camera
+from tests.cameras import CLIPS, free_port, rtsp_camera
 from tests.test_sources import CAMERA, consuming, eventually, positions, read_all
 
 CAMERA_CLIP = CLIPS / "bikes.mp4"  # 640×272, 25 fps, keyframes at irregular intervals
@@ -41,14 +41,23 @@ def with_b_frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(folder, "gop50-b.mp4", "-preset", "medium", "-g", "50", "-sc_threshold", "0", "-bf", "2")
 
 
-def keyframe_positions(clip: Path) -> list[float]:
-    """The keyframes' positions in ms, by ffprobe."""
+def packets(clip: Path) -> list[tuple[float, bool]]:
+    """Each video packet's pts in seconds and whether it is a keyframe, by ffprobe (in decode order)."""
     command = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags"]
     command += ["-of", "csv=p=0", str(clip)]
-    rows = [
-        line.split(",") for line in subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
-    ]
-    return sorted(round(float(pts) * 1000, 3) for pts, flags in rows if "K" in flags)
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+    return [(float(pts), "K" in flags) for pts, flags in (line.split(",") for line in lines)]
+
+
+def keyframe_positions(clip: Path) -> list[float]:
+    """The keyframes' positions in ms."""
+    return sorted(round(pts * 1000, 3) for pts, key in packets(clip) if key)
+
+
+def keyframe_numbers(clip: Path) -> list[int]:
+    """The keyframes' numbers in presentation order: how many frames are shown before each."""
+    times = [pts for pts, _ in packets(clip)]
+    return sorted(sum(other < pts for other in times) for pts, key in packets(clip) if key)
 
 
 def sampled(source_settings: SourceSettings, **sampling: object) -> tuple[SourceSettings, SamplingSettings]:
@@ -155,7 +164,19 @@ async def test_rtsp_cameras_deliver_keyframes_each_over_its_own_transport() -> N
             await eventually(lambda: len(over_tcp) >= 3 and len(over_udp) >= 3, "three keyframes from each camera")
 
     for source, frames in zip(cameras, (over_tcp, over_udp), strict=True):
+        assert [frame.info.index for frame in frames[:3]] == keyframe_numbers(CAMERA_CLIP)[:3], source.source_id
         # the stream's clock: keyframes as far apart as in the file (RTP may shift the first one, here by 160 ms)
         assert positions(frames)[2] - positions(frames)[1] == pytest.approx(expected[2] - expected[1], abs=1.0)
         assert source.stats.decoded == len(frames) + source.stats.dropped
         assert all(frame.pixels.shape == (272, 640, 3) for frame in frames)
+
+
+async def test_a_camera_that_refuses_is_reported_without_its_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"rtsp://viewer:s3cret@127.0.0.1:{free_port()}/cam"  # nothing listens there
+    source = open_source("door", url, CAMERA, SamplingSettings(fps=1))
+    async with consuming(source):
+        await eventually(lambda: source.stats.reconnects >= 2, "two failed connections")
+
+    assert source.stats.last_error == "could not open it: Connection refused"
+    assert "s3cret" not in caplog.text
+    assert "rtsp://***@127.0.0.1" in caplog.text

@@ -51,6 +51,11 @@ class DecodedFrame:
     number: int | None  # the frame's number in the stream, counting the frames not decoded; None: not known
 
 
+def describe(exc: LibraryError) -> str:
+    """FFmpeg's message without the URL PyAV appends to it, which may hold a camera's credentials."""
+    return exc.strerror or type(exc).__name__
+
+
 def open_video(
     uri: str, name: str, options: Mapping[str, str], timeout: tuple[float, float] | None, threads: int
 ) -> tuple[InputContainer, VideoStream]:
@@ -62,7 +67,7 @@ def open_video(
     except CorruptData as exc:
         raise SourceError(f"{name}: not a video FFmpeg can read") from exc
     except LibraryError as exc:
-        raise SourceError(f"{name}: {exc.strerror or exc}") from exc
+        raise SourceError(f"{name}: {describe(exc)}") from exc
     if not container.streams.video:
         container.close()
         raise SourceError(f"{name}: no video stream")
@@ -86,8 +91,8 @@ class SparseDecoder:
         self._stats = stats  # its `decoded` counts the frames that came out of the decoder, delivered or not
         self._codec = stream.codec_context
         self._time_base = stream.time_base
-        # Positions count from the file's start, or from a live stream's first timestamped frame: RTSP's
-        # start_time is its first packet's pts, which frames reordered before it precede.
+        # Positions count from the file's start, or from a live stream's first decoded frame with a timestamp:
+        # RTSP's start_time is its first packet's pts, which frames reordered before it precede.
         self._origin: int | None = None if live else stream.start_time or 0
         self._start_ms = start_ms
         self._keyframes = sampling.keyframes
@@ -107,7 +112,9 @@ class SparseDecoder:
         if packet.size == 0:
             return self._decode([packet], flush=True) if self._seen_keyframe else []  # frames held back
         self.packets += 1
-        if packet.pts is not None:
+        if packet.pts is None:  # untimed (RTSP's first packet, raw streams): shown before what follows it
+            self._counted += 1
+        else:
             if packet.is_keyframe:  # a GOP starts: of what came before, only the decoder's reorder buffer is left
                 before = bisect.bisect_left(self._uncounted, packet.pts)
                 if before > MAX_REORDERED_FRAMES:
@@ -139,9 +146,11 @@ class SparseDecoder:
         return [decoded for frame in frames if (decoded := self._take(frame)) is not None]
 
     def _take(self, frame: VideoFrame) -> DecodedFrame | None:
+        if self._origin is None:  # frames leave the decoder in pts order: none will come before this one
+            self._origin = frame.pts
         position_ms = self._position_ms(frame.pts)
         if frame.pts is None:
-            number = self.packets - 1
+            number = self._counted - 1  # the latest untimed packet's
         else:  # frames leave the decoder in pts order: what lies below this one is counted for good
             number = self._counted + bisect.bisect_left(self._uncounted, frame.pts)
             self._count_up_to(frame.pts)
@@ -166,10 +175,8 @@ class SparseDecoder:
         return position_ms >= self._start_ms and (self._schedule is None or self._schedule.wants(position_ms))
 
     def _position_ms(self, pts: int | None) -> float | None:
-        if pts is None:  # e.g. RTSP's first frame, before the stream's clock is known
+        if pts is None or self._origin is None:  # e.g. RTSP's first frame, before the stream's clock is known
             return None
-        if self._origin is None:
-            self._origin = pts
         position_ms = float((pts - self._origin) * self._time_base * 1000) if self._time_base else math.nan
         return None if math.isnan(position_ms) else position_ms
 

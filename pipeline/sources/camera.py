@@ -35,7 +35,7 @@ import cv2
 from pipeline.frames import DeliveryPolicy
 from pipeline.sampler import SamplingSettings
 from pipeline.sources._ffmpeg import open_capture, use_rtsp_transport
-from pipeline.sources._pyav import CorruptData, LibraryError, SparseDecoder, open_video, uses_pyav
+from pipeline.sources._pyav import CorruptData, LibraryError, SparseDecoder, describe, open_video, uses_pyav
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
 from pipeline.sources._types import SourceError, SourceSettings
 from services.errors import ConfigError
@@ -198,16 +198,16 @@ class CameraSource(ThreadedSource):
                     frames = decoder.push(packet)
                 except CorruptData as exc:  # a packet damaged on the way (UDP loss): the next keyframe mends it
                     self.stats.errors += 1
-                    self.stats.last_error = f"a damaged packet: {exc}"
+                    self.stats.last_error = f"a damaged packet: {describe(exc)}"
                     continue
                 for frame in frames:
                     self._say_if_back(streamed)
                     streamed = True
-                    handoff.put(self._new_frame(frame.pixels, frame.position_ms, frame.number))
+                    handoff.put(self._new_frame(frame.pixels, frame.position_ms, index=frame.number))
             return "the stream ended", streamed
         except LibraryError as exc:
             self.stats.errors += 1
-            return f"FFmpeg error: {exc}", streamed
+            return f"FFmpeg error: {describe(exc)}", streamed
         finally:
             self._numbered = decoder.packets
             container.close()

@@ -159,7 +159,7 @@ class VideoFileSource(ThreadedSource):
                 break
             if pace is not None and position_ms is not None and pace.wait_until_due(position_ms, handoff):
                 break
-            if not handoff.put(self._new_frame(frame.pixels, position_ms, frame.number)):
+            if not handoff.put(self._new_frame(frame.pixels, position_ms, index=frame.number)):
                 break
             delivered += 1
         return delivered
