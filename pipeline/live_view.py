@@ -3,6 +3,7 @@
     /                              the page: one tile per source (assets in pipeline/web, shipped with the package)
     /api/sources                   every source's status as JSON, for scripts
     /api/sources/{id}/frame.jpg    the source's latest published frame, the JPEG that was annotated
+                                   (?frame=N: that frame, while it is among the last few)
     /api/stream                    the same status pushed as server-sent events, every `PUSH_INTERVAL_S`
 
 The page fetches a tile's image only when its frame changed, so each source costs at most one
@@ -88,9 +89,11 @@ class LiveView:
         report = self._reports.by_source.get(request.match_info["source_id"])
         if report is None:
             raise web.HTTPNotFound(text="no such source\n")
-        if report.latest is None or not report.latest.jpeg:
-            raise web.HTTPNotFound(text="no frame published yet\n")
-        return web.Response(body=report.latest.jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+        wanted = request.query.get("frame", "")
+        frame = report.recent_frame(int(wanted)) if wanted.isdigit() else report.latest
+        if frame is None or not frame.jpeg:
+            raise web.HTTPNotFound(text="no such frame among the last published\n")
+        return web.Response(body=frame.jpeg, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})

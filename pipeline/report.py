@@ -21,6 +21,7 @@ from pipeline.sources import Source, SourceStats
 
 LATENCY_WINDOW = 10_000  # the most recent latencies kept per source: bounded memory on endless runs
 FPS_WINDOW_S = 5.0  # a source's current fps: frames published over the last few seconds
+RECENT_FRAMES = 8  # per source, for the live view: a few seconds of a sampled camera, a moment of a replay
 
 
 class Stage(enum.StrEnum):
@@ -72,7 +73,9 @@ class SourceReport:
     lost: int = 0  # annotated, but Kafka never acknowledged the record
     error: str | None = None  # why the source stopped early, if it did
     ended: bool = False  # its lane is over
-    latest: AnnotatedFrame | None = None  # the last frame Kafka acknowledged
+    # the last frames Kafka acknowledged, newest last: a page showing one frame's labels then fetches
+    # that frame's image, even if a newer one came meanwhile
+    recent: deque[AnnotatedFrame] = field(default_factory=lambda: deque(maxlen=RECENT_FRAMES))
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     published_at: deque[float] = field(default_factory=lambda: deque(maxlen=1024))  # time.monotonic() of each
 
@@ -86,7 +89,14 @@ class SourceReport:
         self.latencies_ms.append((now - info.captured_at) * 1000.0)
         self.observer.published(self.source_id, now - info.captured_at)
         if self.latest is None or info.index > self.latest.info.index:
-            self.latest = frame
+            self.recent.append(frame)
+
+    @property
+    def latest(self) -> AnnotatedFrame | None:
+        return self.recent[-1] if self.recent else None
+
+    def recent_frame(self, index: int) -> AnnotatedFrame | None:
+        return next((frame for frame in self.recent if frame.info.index == index), None)
 
     @property
     def last_published(self) -> FrameInfo | None:
