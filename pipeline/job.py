@@ -219,9 +219,10 @@ async def _run(
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         readiness = Readiness(reports)
+        live_view = LiveView(reports)
         if config.metrics.port is not None:  # first, so that /healthz answers while the rest starts
             monitoring = MonitoringServer(config.metrics, metrics.registry, readiness)
-            LiveView(reports).add_routes(monitoring.app)
+            live_view.add_routes(monitoring.app)
             await stack.enter_async_context(monitoring)
         settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
         annotator = await stack.enter_async_context(build_annotator(config.annotator, metrics.grpc_call))
@@ -230,6 +231,8 @@ async def _run(
         readiness.kafka = True
         metrics.watch_publisher(publisher)
         events = await stack.enter_async_context(events_in_run(settings, config.events))
+        if events is not None:
+            live_view.events = events.recent
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
         signals.running(functools.partial(_stop, runner, publisher, settings))
         settle_heap()

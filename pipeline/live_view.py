@@ -6,6 +6,8 @@
                                    (?frame=N: that frame, while it is among the last few)
     /api/stream                    the same status pushed as server-sent events, every `PUSH_INTERVAL_S`
 
+With an events stage in the run, each source's status also lists its last few events.
+
 The page fetches a tile's image only when its frame changed, so each source costs at most one
 JPEG per push interval whatever its fps. Nothing here shows a camera's URI: a source is its id.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -21,13 +24,17 @@ from aiohttp import web
 
 from pipeline.report import RunReports, SourceReport
 from pipeline.sources.camera import mask_credentials
+from services.api.event_pb2 import AnnotationEvent
 
 PUSH_INTERVAL_S = 0.5
 TOP_LABELS = 5
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
-def source_status(report: SourceReport) -> dict[str, Any]:
+RecentEvents = Callable[[str], Sequence[AnnotationEvent]]  # a source's last few events, newest first
+
+
+def source_status(report: SourceReport, events: Sequence[AnnotationEvent] = ()) -> dict[str, Any]:
     stats = report.source_stats
     p50, p95 = report.latency_percentile(50), report.latency_percentile(95)
     error = report.error or stats.last_error
@@ -49,6 +56,7 @@ def source_status(report: SourceReport) -> dict[str, Any]:
         "last_error": None if error is None else mask_credentials(error),
         "frame": None,
         "labels": [],
+        "events": [_event_status(event) for event in events],
     }
     if (latest := report.latest) is not None:
         info = latest.info
@@ -64,6 +72,18 @@ def source_status(report: SourceReport) -> dict[str, Any]:
     return status
 
 
+def _event_status(event: AnnotationEvent) -> dict[str, Any]:
+    ended = event.state == AnnotationEvent.END
+    return {
+        "label": event.label,
+        "state": "ended" if ended else "open",
+        "start_time_ms": event.start_time_ms,
+        "duration_ms": event.duration_ms,
+        "peak_confidence": round(event.peak_confidence, 4),
+        "end_reason": AnnotationEvent.EndReason.Name(event.end_reason) if ended else None,
+    }
+
+
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -71,6 +91,7 @@ def _rounded(value: float | None) -> float | None:
 class LiveView:
     def __init__(self, reports: RunReports) -> None:
         self._reports = reports
+        self.events: RecentEvents | None = None  # set when the run has an events stage
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/", self._page)
@@ -80,7 +101,8 @@ class LiveView:
         app.router.add_get("/api/stream", self._stream)
 
     def _statuses(self) -> list[dict[str, Any]]:
-        return [source_status(report) for report in self._reports.by_source.values()]
+        events = self.events or (lambda source_id: ())
+        return [source_status(report, events(report.source_id)) for report in self._reports.by_source.values()]
 
     async def _sources(self, request: web.Request) -> web.Response:
         return web.json_response(self._statuses())

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -22,8 +25,10 @@ from pipeline.kafka import KafkaSettings, ensure_topic
 from pipeline.records import encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
+from tests.cameras import CLIPS, free_port
 from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker, pipeline_run, write_run_config
 from tests.kafka import QUIET_S, connection, kafka_broker, read_topic
+from tests.test_monitoring import MonitoredRun
 from tests.test_run import BUNNY
 
 START, END = AnnotationEvent.START, AnnotationEvent.END
@@ -230,3 +235,60 @@ async def test_events_inside_a_run_end_with_the_replay(tmp_path: Path) -> None:
     assert len(annotations) == 66
     assert any(e.end_reason == AnnotationEvent.SOURCE_ENDED for e in expected)
     assert in_order(events) == in_order(expected)
+
+
+@pytest.fixture
+def scene_change(tmp_path: Path) -> Path:
+    """A clip with a known change of scene: 100 frames of a man in a car, then 132 of the cartoon rabbit."""
+    clip = tmp_path / "scene.mp4"
+    scale = "scale=640:360,setsar=1,fps=25"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(CLIPS / "carphone_pristine.mp4"), "-i", str(BUNNY), "-filter_complex",
+         f"[0:v]{scale}[a];[1:v]{scale}[b];[a][b]concat=n=2:v=1[v]", "-map", "[v]",
+         "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", str(clip)],
+        check=True,
+    )  # fmt: skip
+    return clip
+
+
+async def test_a_person_leaving_a_real_clip_is_one_event_shown_in_the_live_view(
+    tmp_path: Path, scene_change: Path
+) -> None:
+    """Through `objects`, a `person` event starts on the clip's first frames and ends where the scene
+    changes, and the live view lists it while the run goes on."""
+    clip = scene_change
+    person = {"match": "person", "enter_threshold": 0.5, "exit_threshold": 0.3, "window_frames": 3}
+    rules = {"rules": [person | {"min_start_frames": 2, "grace_seconds": 0.5}], "other_labels": "ignore"}
+    metrics_port = free_port()
+    async with kafka_broker() as broker:
+        sources = [{"id": "scene", "uri": str(clip), "fps": 5, "realtime": True}]
+        config_file = write_run_config(
+            tmp_path,
+            broker.address,
+            sources,
+            annotator={"classifier": "objects"},
+            events=rules,
+            metrics={"port": metrics_port},
+        )
+        with pipeline_run(config_file) as run:
+            shown: list[dict[str, object]] = []
+
+            def ended_event_shown() -> bool:
+                status, body = MonitoredRun.get_at(f"http://127.0.0.1:{metrics_port}", "/api/sources")
+                shown[:] = json.loads(body)[0]["events"] if status == 200 else []
+                return any(event["state"] == "ended" for event in shown)
+
+            await eventually(ended_event_shown, "the live view to show the person's event ended")
+            assert await run.end() == 0, run.log()
+        events = [
+            e
+            async for e in consume(
+                connection(broker.address, "framelabel.events"), from_beginning=True, idle_timeout_s=QUIET_S
+            )
+        ]
+    assert [(e.label, AnnotationEvent.State.Name(e.state)) for e in events] == [("person", "START"), ("person", "END")]
+    start, end = events
+    assert start.first_frame_index <= 10
+    assert 95 <= end.last_frame_index <= 105  # the man leaves with frame 100
+    assert end.end_reason == AnnotationEvent.SCORE_BELOW_EXIT
+    assert shown[0]["label"] == "person"

@@ -43,6 +43,9 @@ class RunEvents:
         await self._stage.close_sources(last_published, reason)
         log.info("events: %d event messages written to %s", self._stage.published, self._stage.topic)
 
+    def recent(self, source_id: str) -> list[AnnotationEvent]:
+        return self._stage.recent_events(source_id)
+
     def _caught_up(self, last_published: Mapping[str, int]) -> bool:
         seen = self._stage.last_frame
         return all(seen.get(source_id, -1) >= index for source_id, index in last_published.items())

@@ -53,6 +53,9 @@ FETCH_MAX_WAIT_MS = 50  # a fetch returns within this when there is little to re
 Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 
+RECENT_EVENTS = 5  # per source, kept for the live view
+
+
 class EventsError(FramelabelError):
     """The events stage cannot go on: Kafka refused it, or exactly once was asked of a broker without it."""
 
@@ -74,6 +77,7 @@ class EventsStage:
         self._heard_at: dict[str, float] = {}  # source → time.monotonic() of its last record, for "offline"
         self.last_frame: dict[str, int] = {}  # source → the index of the newest frame read
         self.published = 0  # event messages written (in exactly-once mode: committed)
+        self._recent: dict[str, dict[str, AnnotationEvent]] = {}  # source → event id → its latest message
         self.processed = 0  # annotation records read
 
     @property
@@ -224,6 +228,16 @@ class EventsStage:
         except KafkaError as exc:
             raise EventsError(f"writing events to {self._config.topic} failed: {exc}") from exc
         self.published += len(messages)
+        for message in messages:
+            recent = self._recent.setdefault(message.source_id, {})
+            recent.pop(message.event_id, None)  # the latest message of an event moves to the end
+            recent[message.event_id] = message
+            while len(recent) > RECENT_EVENTS:
+                del recent[next(iter(recent))]
+
+    def recent_events(self, source_id: str) -> list[AnnotationEvent]:
+        """The source's last few events, each as its latest message says (for the live view), newest first."""
+        return list(reversed(self._recent.get(source_id, {}).values()))
 
     async def _send(self, producer: AIOKafkaProducer, messages: Sequence[AnnotationEvent], touched: set[str]) -> None:
         """Send the messages, then the sources' state, and wait until Kafka has them all."""

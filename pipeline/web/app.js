@@ -38,6 +38,21 @@ function labelItem({ label, confidence }) {
   return item;
 }
 
+function eventItem(event) {
+  const item = document.createElement("li");
+  item.dataset.state = event.state;
+  const dot = document.createElement("span");
+  dot.className = "dot";
+  const what = document.createElement("span");
+  const seconds = (event.duration_ms / 1000).toFixed(1);
+  what.textContent = `${event.label} · ${event.state === "open" ? "for" : "lasted"} ${seconds} s · peak ${event.peak_confidence.toFixed(2)}`;
+  const when = document.createElement("span");
+  when.className = "when";
+  when.textContent = new Date(event.start_time_ms).toLocaleTimeString();
+  item.append(dot, what, when);
+  return item;
+}
+
 function show(status) {
   const tile = tileFor(status.id);
   const root = tile.root;
@@ -51,6 +66,7 @@ function show(status) {
   root.querySelector(".dropped").textContent = status.dropped + status.failed + status.lost;
   root.querySelector(".error").textContent = OFFLINE.has(status.state) ? status.last_error || "" : "";
   root.querySelector(".labels").replaceChildren(...status.labels.map(labelItem));
+  root.querySelector(".events").replaceChildren(...status.events.map(eventItem));
   const frame = status.frame && status.frame.index;
   if (frame !== null && frame !== tile.shownFrame) {
     tile.shownFrame = frame;
