@@ -30,7 +30,7 @@ test: $(INSTALLED) system-deps lint
 	$(BIN)/python tools/gen_proto.py --check
 	$(BIN)/pytest
 
-# Figures, not tests: prints one table, writes bench/results/latest.json (see README, Performance).
+# Figures, not tests: prints one table, writes bench/results/latest.json (see docs/performance.md).
 bench: $(INSTALLED) system-deps
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -167,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         "every_nth": args.every_nth,
         "realtime": args.realtime or None,
         "loop": args.loop or None,
+        "start_ms": args.start_ms,
         "classifier": args.classifier,
         "targets": args.target,
         "tls": args.tls,
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--every-nth", type=int, metavar="N", help="annotate every Nth frame, for every source")
     run.add_argument("--realtime", action="store_true", help="files: play at their own speed, as a camera would")
     run.add_argument("--loop", action="store_true", help="files: start again at the end, until stopped")
+    run.add_argument(
+        "--start-ms",
+        type=_bounded(float, 0, None, "a media position"),
+        metavar="MS",
+        help="files: start at this media position (the summary's `last_published`, to resume a replay)",
+    )
     run_where = run.add_mutually_exclusive_group()
     run_where.add_argument("--classifier", help="annotate in-process with this classifier")
     run_where.add_argument("--target", action="append", metavar="HOST:PORT", help="annotate over gRPC (repeatable)")

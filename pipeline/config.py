@@ -102,7 +102,7 @@ class RunConfig(StrictModel):
 
 
 PLAIN_ID = re.compile(r"[\w.\-]+")  # an id before `=` on the command line: no `/` or `:`, so a URL is never one
-SOURCE_FLAGS = ("fps", "every_nth", "realtime", "loop")  # per-source settings the command line can give
+SOURCE_FLAGS = ("fps", "every_nth", "realtime", "loop", "start_ms")  # per-source settings the command line can give
 
 
 def parse_source_flag(flag: str) -> dict[str, str]:
@@ -129,7 +129,7 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     """The config file (or the demo defaults) with flags on top.
 
     flags: `sources` (list of ID=URI or URI, replacing the file's sources), `fps`, `every_nth`,
-    `realtime` and `loop` (set on every source), `classifier`
+    `realtime`, `loop` and `start_ms` (set on every source), `classifier`
     (in-process), `targets` (gRPC), `tls`, `metrics_port`, `metrics_host`, and the Kafka flags of `kafka_section`.
     """
     data = read_yaml(path) if path else {}

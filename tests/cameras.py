@@ -98,13 +98,13 @@ def http_mjpeg_camera(clip: Path, port: int | None = None) -> Iterator[Camera]:
     with _running(command) as (process, log):
         camera = Camera(url, process, log)
         # Connecting to check would use up its only client, so look for the listening socket instead.
-        wait_until(lambda: _listening(port) or process.poll() is not None, f"ffmpeg to listen on {port}")
+        wait_until(lambda: listening(port) or process.poll() is not None, f"ffmpeg to listen on {port}")
         if process.poll() is not None:
             raise RuntimeError(f"the HTTP MJPEG camera did not start:\n{camera.output()}")
         yield camera
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     """Whether a socket listens on 127.0.0.1:`port`, from the kernel's table (state 0A is LISTEN)."""
     local_address = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as table:

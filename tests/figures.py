@@ -1,7 +1,7 @@
 """The figures the reliability tests measure, printed at the end of the run (a pytest plugin: `-p tests.figures`).
 
 A test takes the `figures` fixture and records what it measured, e.g.
-`figures["kafka link cut: duplicates"] = 3`; the README's Reliability section quotes them.
+`figures["kafka link cut: duplicates"] = 3`; docs/reliability.md quotes them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Real parts only, on 127.0.0.1: a Kafka-protocol broker (Tansu; noida-db where data must
 survive a restart), the gRPC service as its own process, real clips and cameras. Each
 test measures what it promises (frames lost, duplicates, order, time to recover) and
-records the figures for the README's Reliability section (see tests/figures.py).
+records the figures for docs/reliability.md (see tests/figures.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,184 @@
+"""The README's quickstarts run as written, and the example configs with local addresses run.
+
+Each quickstart block in README.md follows an HTML comment `<!-- quickstart: NAME -->`.
+A shell block is run line by line from the checkout, as a user would after
+`source .venv/bin/activate` (this test's own venv comes first on PATH): a line ending
+in `&` starts in the background and is stopped by the test, any other line must exit 0.
+Only the fixed ports (8554 camera, 9092 broker, 9100 live view) are replaced by free ones,
+so that tests can run side by side; a config the README names is copied with the same
+replacement. Everything else is exactly the README's text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pipeline.processes import stop_process
+from tests.cameras import CLIPS, free_port, listening, wait_until
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+README = CHECKOUT / "README.md"
+QUICKSTART = re.compile(r"<!-- quickstart: (?P<name>[\w-]+) -->\n```(?P<language>\w+)\n(?P<body>.*?)```", re.DOTALL)
+FIXED_PORTS = ("8554", "9092", "9100")
+SERVED_PORT = re.compile(r"(?<![\w-])--port (\d+)")  # what a background line listens on
+COMMAND_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+PEOPLE_AND_VEHICLES = {"person", "bicycle", "car", "bus", "truck", "motorcycle"}
+
+
+def quickstarts() -> dict[str, tuple[str, str]]:
+    """NAME → (language, text) of every marked block."""
+    return {m["name"]: (m["language"], m["body"]) for m in QUICKSTART.finditer(README.read_text())}
+
+
+@dataclass
+class Session:
+    """A user's shell in the checkout: the README's ports swapped for free ones, background jobs kept to stop."""
+
+    workdir: Path
+    ports: dict[str, str] = field(default_factory=lambda: {port: str(free_port()) for port in FIXED_PORTS})
+    jobs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        return os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def localised(self, text: str) -> str:
+        """`text` with the free ports; a config it names is copied with them too."""
+        for config in set(re.findall(r"configs/[\w.-]+\.yaml", text)):
+            copy = self.workdir / Path(config).name
+            copy.write_text(self.with_free_ports((CHECKOUT / config).read_text()))
+            text = text.replace(config, str(copy))
+        return self.with_free_ports(text)
+
+    def with_free_ports(self, text: str) -> str:
+        for fixed, free in self.ports.items():
+            text = re.sub(rf"\b{fixed}\b", free, text)
+        return text
+
+    def start(self, line: str) -> subprocess.Popen[bytes]:
+        command = self.localised(line.removesuffix("&").strip())
+        log = (self.workdir / f"job-{len(self.jobs)}.log").open("wb")
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=CHECKOUT, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        self.jobs.append((command, process))
+        if port := SERVED_PORT.search(command):
+            wait_until(lambda: listening(int(port[1])) or process.poll() is not None, f"`{command}` to listen")
+            assert process.poll() is None, f"`{command}` ended:\n{self.log(process)}"
+        return process
+
+    def run(self, line: str) -> str:
+        command = self.localised(line)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=CHECKOUT, env=self.env(), capture_output=True, timeout=COMMAND_TIMEOUT_S
+        )
+        assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stderr.decode()}"
+        return result.stdout.decode() + result.stderr.decode()
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        return (self.workdir / f"job-{[p for _, p in self.jobs].index(process)}.log").read_text(errors="replace")
+
+    def stop(self, process: subprocess.Popen[bytes]) -> int:
+        stop_process(process, STOP_TIMEOUT_S)
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.jobs):  # the last started (a run) before what it uses
+            self.stop(process)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    with tempfile.TemporaryDirectory() as workdir, ExitStack() as cleanup:
+        shell = Session(Path(workdir))
+        cleanup.callback(shell.stop_all)
+        yield shell
+
+
+def shell_lines(name: str) -> list[str]:
+    language, body = quickstarts()[name]
+    assert language == "sh"
+    return [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def json_lines(output: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_the_readme_marks_its_three_quickstarts() -> None:
+    assert set(quickstarts()) == {"camera", "replay", "python"}
+
+
+def test_quickstart_live_camera_to_kafka_to_a_consumer() -> None:
+    """Camera, broker and run in the background; the consumer gets labelled records; the live view answers."""
+    camera_line, broker_line, run_line, consume_line, view_line = shell_lines("camera")
+    with session() as shell:
+        shell.start(camera_line)
+        shell.start(broker_line)
+        run = shell.start(run_line)
+        records = json_lines(shell.run(consume_line))
+        assert len(records) == 3
+        assert {record["source_id"] for record in records} == {"gate"}
+        labels = {a["label"]["name"] for r in records for a in r["response"]["annotations"]}  # type: ignore[index]
+        assert labels & PEOPLE_AND_VEHICLES, labels
+        sources = json.loads(shell.run(view_line))
+        assert [(s["id"], s["kind"]) for s in sources] == [("gate", "live")]
+        assert sources[0]["published"] >= 3
+        assert shell.stop(run) == 0, shell.log(run)  # stopped by a signal, nothing lost
+        assert "gate" in shell.log(run)  # the summary
+
+
+def test_quickstart_replay_and_resume_then_read_in_python(tmp_path: Path) -> None:
+    """The replay publishes every sampled frame; its resume point resumes; the Python example reads them."""
+    broker_line, run_line, consume_line, resume_line = shell_lines("replay")
+    with session() as shell:
+        shell.start(broker_line)
+        summary = shell.run(run_line)
+        assert "frame 245 @ 9800.000 ms" in summary  # the resume point the README quotes
+        records = json_lines(shell.run(consume_line))
+        assert [(r["source_id"], r["frame_index"]) for r in records] == [("bikes", i) for i in range(0, 25, 5)]
+        assert "@ 9800.000 ms" in shell.run(resume_line)
+
+        language, program = quickstarts()["python"]
+        assert language == "python"
+        script = tmp_path / "reader.py"
+        script.write_text(shell.with_free_ports(program))
+        printed = shell.run(f"python {script}").splitlines()
+        assert printed, "the Python example printed nothing"
+        assert all(re.fullmatch(r"bikes frame \d+: \S.*", line) for line in printed), printed
+        # 50 frames, then 26 from 4800 ms on; a frame with no label at 0.2 or more is left out
+        assert 0 < len(printed) <= 76
+
+
+def test_the_rtsp_camera_config_runs_against_a_local_camera_and_broker() -> None:
+    """configs/rtsp-camera.yaml, as shipped (ports aside): a camera and a broker where it looks for them."""
+    with session() as shell:
+        shell.start("/usr/bin/python3 tools/rtsp_camera.py --port 8554 " + str(CLIPS / "bikes.mp4"))
+        shell.start("framelabel broker --port 9092")
+        run = shell.start("framelabel run configs/rtsp-camera.yaml")
+        records = json_lines(
+            shell.run(
+                "framelabel consume --bootstrap 127.0.0.1:9092 --topic cameras.moderation --from-beginning --max 2"
+            )
+        )
+        assert [r["source_id"] for r in records] == ["gate", "gate"]
+        assert shell.stop(run) == 0, shell.log(run)
+
+
+@pytest.mark.parametrize("config", ["replay.yaml", "rtsp-camera.yaml"])
+def test_the_configs_run_here_have_local_addresses_only(config: str) -> None:
+    """The configs run above are the ones whose every address is on this host; the others are only loaded
+    (tests/test_stack.py loads every file in configs/)."""
+    addresses = re.findall(r"(?:rtsp://|bootstrap_servers: )([\w.-]+)", (CHECKOUT / "configs" / config).read_text())
+    assert set(addresses) == {"127.0.0.1"}
