@@ -121,11 +121,14 @@ class SourceReport:
 
     def fps(self) -> float:
         """Frames published per second over the last `FPS_WINDOW_S`."""
-        if not self.published_at:
+        # a copy first: the terminal's display reads this from its own thread while the event loop appends,
+        # and list() of a deque is one step under the GIL where a Python loop over it is not
+        published_at = list(self.published_at)
+        if not published_at:
             return 0.0
         now = time.monotonic()
-        span = min(FPS_WINDOW_S, now - self.published_at[0])  # shorter at the start of a run
-        recent = sum(1 for at in self.published_at if now - at <= span)
+        span = min(FPS_WINDOW_S, now - published_at[0])  # shorter at the start of a run
+        recent = sum(1 for at in published_at if now - at <= span)
         return recent / span if span > 0 else 0.0
 
     def latency_percentile(self, percent: float) -> float | None:
