@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,19 @@ from services.api.image_pb2 import Image
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
 READY = re.compile(r"serving classifier \S+ .* on [\w.:]+:(\d+)")
 START_TIMEOUT = 60.0
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """The status and body of a GET on 127.0.0.1; (0, the reason) while nothing listens there yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    except urllib.error.URLError as error:
+        return 0, str(error.reason)
+    except ConnectionError as error:  # a server still starting may reset the connection
+        return 0, str(error)
 
 
 def photo(name: str) -> np.ndarray:

@@ -27,8 +27,8 @@ from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
 from tests.cameras import CLIPS, free_port
 from tests.faults import PipelineRun, eventually, framelabel_process, noida_broker, pipeline_run, write_run_config
+from tests.helpers import http_get
 from tests.kafka import QUIET_S, connection, kafka_broker, read_topic
-from tests.test_monitoring import MonitoredRun
 from tests.test_run import BUNNY
 
 START, END = AnnotationEvent.START, AnnotationEvent.END
@@ -274,7 +274,7 @@ async def test_a_person_leaving_a_real_clip_is_one_event_shown_in_the_live_view(
             shown: list[dict[str, object]] = []
 
             def ended_event_shown() -> bool:
-                status, body = MonitoredRun.get_at(f"http://127.0.0.1:{metrics_port}", "/api/sources")
+                status, body = http_get(f"http://127.0.0.1:{metrics_port}/api/sources")
                 shown[:] = json.loads(body)[0]["events"] if status == 200 else []
                 return any(event["state"] == "ended" for event in shown)
 

@@ -32,6 +32,7 @@ from pipeline.records import (
     record_json,
 )
 from services.api.image_classifier_pb2 import AnnotationResponse
+from tests.cameras import free_port
 from tests.helpers import within
 from tests.kafka import (
     DEADLINE_S,
@@ -82,12 +83,6 @@ async def wait_for(condition: str, check: Callable[[], bool]) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {condition}"
         await asyncio.sleep(0.01)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_record_carries_frame_metadata_in_headers() -> None:
@@ -225,7 +220,7 @@ async def test_default_idempotence_gives_way_to_a_broker_without_it(
 
 
 async def test_unreachable_kafka_is_reported_with_its_address() -> None:
-    address = f"127.0.0.1:{closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     # Refused, so reported at once as refused: not after connect_timeout_ms as "no answer in time".
     async with within(HANG_S, "reporting a refused connection"):
         with pytest.raises(KafkaUnreachable, match=f"cannot reach Kafka at {address}: (?!no answer in time)"):

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import urllib.error
@@ -39,9 +38,9 @@ from services.api.image_pb2 import Image
 from services.config import MonitoringSettings
 from services.errors import ConfigError, InvalidImageError
 from services.monitoring import MonitoringServer
-from tests.cameras import CLIPS, Camera, free_port, rtsp_camera, wait_until
+from tests.cameras import CLIPS, Camera, free_port, listening, rtsp_camera, wait_until
 from tests.faults import PipelineRun, pipeline_run, write_run_config
-from tests.helpers import FRAMELABEL, ServiceProcess, jpeg, photo
+from tests.helpers import FRAMELABEL, ServiceProcess, http_get, jpeg, photo
 from tests.kafka import connection
 
 CLIP = CLIPS / "bigbuckbunny.mp4"
@@ -64,17 +63,7 @@ class MonitoredRun:
     camera_clip: Path
 
     def get(self, path: str) -> tuple[int, str]:
-        return self.get_at(self.url, path)
-
-    @staticmethod
-    def get_at(url: str, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url + path, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-        except urllib.error.URLError as error:  # not listening (yet)
-            return 0, str(error.reason)
+        return http_get(self.url + path)
 
     def sources(self) -> dict[str, dict[str, Any]]:
         status, body = self.get("/api/sources")
@@ -87,8 +76,8 @@ class MonitoredRun:
     @staticmethod
     def metrics_at(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """A scrape, parsed by prometheus-client's own parser: (name, sorted labels) → value."""
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-            body = response.read().decode()
+        status, body = http_get(url + "/metrics")
+        assert status == 200, body
         return {
             (sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(body)
@@ -112,13 +101,8 @@ class MonitoredRun:
 
 def _broker(port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen([FRAMELABEL, "broker", "--port", str(port)], stderr=subprocess.DEVNULL)
-    wait_until(lambda: _accepts(port) or process.poll() is not None, "the broker to listen")
+    wait_until(lambda: listening(port) or process.poll() is not None, "the broker to listen")
     return process
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +223,8 @@ def test_prometheus_scrapes_it_with_the_stacks_config(monitored: MonitoredRun, t
         query = 'framelabel_frames_published_total{job="framelabel-pipeline",source="clip"}'
 
         def published() -> float | None:
-            url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(query)}"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    result = json.loads(response.read())["data"]["result"]
-            except (urllib.error.URLError, ConnectionError):
-                return None
+            status, body = http_get(f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(query)}")
+            result = json.loads(body)["data"]["result"] if status == 200 else []
             return float(result[0]["value"][1]) if result else None
 
         wait_until(lambda: published() is not None, "Prometheus's first scrape", 30.0)
@@ -401,7 +381,7 @@ def test_the_live_view_keeps_up_with_16_sources(tmp_path: Path, figures: dict[st
                 "new PerformanceObserver(list => window.longTasks.push(...list.getEntries().map(e => e.duration)))"
                 ".observe({entryTypes: ['longtask']});"
             )
-            wait_until(lambda: MonitoredRun.get_at(url, "/healthz")[0] == 200, "the run's monitoring port", WAIT_S)
+            wait_until(lambda: http_get(url + "/healthz")[0] == 200, "the run's monitoring port", WAIT_S)
             page.goto(url + "/")
             tiles = page.locator("[data-source]")
             wait_until(lambda: tiles.count() == 16, "16 tiles", WAIT_S)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cameras import CLIPS
+from tests.cameras import CLIPS, free_port
 from tests.faults import TopicWatcher, eventually, pipeline_run, write_run_config
 from tests.helpers import FRAMELABEL, ServiceProcess
 from tests.kafka import kafka_broker, paused
@@ -121,10 +121,7 @@ def test_serve_on_a_port_in_use_is_one_clear_error(imagenet_service: ServiceProc
 
 
 async def test_a_camera_that_refuses_is_reported_in_framelabels_words_only(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
-    sources = [{"id": "gate", "uri": f"rtsp://127.0.0.1:{closed}/cam", "backoff_max_seconds": 0.5}]
+    sources = [{"id": "gate", "uri": f"rtsp://127.0.0.1:{free_port()}/cam", "backoff_max_seconds": 0.5}]
     with pipeline_run(write_run_config(tmp_path, "embedded", sources)) as run:
         await eventually(lambda: run.log().count("reconnecting in") >= 2, "two reconnect attempts")
         assert await run.end(signal.SIGTERM) == 0, run.log()
