@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
@@ -27,6 +30,12 @@ MiB = 1024 * 1024
 EMBEDDED = "embedded"  # not an address: the run starts a Tansu broker of its own
 DEFAULT_TOPIC = "framelabel.annotations"
 CLIENT_ID = "framelabel"
+
+# A compacted topic is read to its end: its end offset, and quiet for READ_QUIET_S (Tansu's end offsets
+# fall one short); an end offset not reached after READ_GIVE_UP_S of quiet is taken to be wrong.
+READ_QUIET_S = 0.3
+READ_GIVE_UP_S = 3.0
+READ_POLL_MS = 200
 
 CODEC_AVAILABLE = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 
@@ -157,3 +166,58 @@ async def ensure_topic(settings: KafkaSettings, configs: dict[str, str] | None =
         raise unreachable(settings, exc) from exc
     finally:
         await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    """The newest record of one key in a compacted topic."""
+
+    partition: int
+    value: bytes | None  # None: a tombstone, the key was removed
+    timestamp_ms: int
+
+
+async def read_latest(
+    connection: KafkaConnection, topic: str, partitions: set[int] | None = None, *, read_committed: bool = False
+) -> dict[str, Latest]:
+    """The newest record of every key in `topic` (or in some of its partitions), read from the start to the end.
+
+    For compacted topics that hold state by key (sources, progress, status, the events changelog)."""
+    reader = AIOKafkaConsumer(
+        **client_options(connection),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
+    try:
+        await reader.start()
+        if partitions is None:
+            await reader.topics()
+            partitions = reader.partitions_for_topic(topic) or set()
+        assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
+        if not assigned:
+            return {}
+        reader.assign(assigned)
+        await reader.seek_to_beginning(*assigned)
+        ends = await reader.end_offsets(assigned)
+        latest: dict[str, Latest] = {}
+        quiet_since = time.monotonic()
+        while (quiet := time.monotonic() - quiet_since) < READ_QUIET_S or (
+            quiet < READ_GIVE_UP_S and not await _reached(reader, ends)
+        ):
+            fetched = await reader.getmany(timeout_ms=READ_POLL_MS)
+            for partition, records in fetched.items():
+                for record in records:
+                    if record.key is not None:
+                        latest[record.key.decode()] = Latest(partition.partition, record.value, record.timestamp)
+            if fetched:
+                quiet_since = time.monotonic()
+        return latest
+    except KafkaError as exc:
+        raise unreachable(connection, exc) from exc
+    finally:
+        await reader.stop()
+
+
+async def _reached(reader: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    return all([await reader.position(partition) >= end for partition, end in ends.items()])

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -32,7 +32,7 @@ from aiokafka.errors import KafkaError
 from pipeline.events.record import encode_event
 from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EndReason, EventTracker, Observation
-from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, unreachable
+from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, read_latest, unreachable
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import ClassifierSpecification
@@ -42,10 +42,6 @@ log = logging.getLogger("framelabel.events")
 
 POLL_TIMEOUT_MS = 200
 TOPIC_WAIT_S = 1.0
-# the changelog is read to its end: its end offset, and quiet for RESTORE_QUIET_S (Tansu's end offsets
-# fall one short); an end offset not reached after RESTORE_GIVE_UP_S of quiet is taken to be wrong
-RESTORE_QUIET_S = 0.3
-RESTORE_GIVE_UP_S = 3.0
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
 FETCH_MAX_WAIT_MS = 50  # a fetch returns within this when there is little to read: part of every event's lag
@@ -296,38 +292,15 @@ class EventsStage:
         self.revoke(partitions)
         if not partitions:
             return
-        reader = AIOKafkaConsumer(
-            **client_options(self._connection),
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed" if self._transactional else "read_uncommitted",
+        state = await read_latest(
+            self._connection, self._config.state_topic, partitions, read_committed=self._transactional
         )
-        await reader.start()
-        try:
-            assigned = [TopicPartition(self._config.state_topic, partition) for partition in sorted(partitions)]
-            reader.assign(assigned)
-            await reader.seek_to_beginning(*assigned)
-            ends = await reader.end_offsets(assigned)
-            saved: dict[str, tuple[int, Any]] = {}
-            quiet_since = time.monotonic()
-            while (quiet := time.monotonic() - quiet_since) < RESTORE_QUIET_S or (
-                quiet < RESTORE_GIVE_UP_S and not await _reached(reader, ends)
-            ):
-                fetched = await reader.getmany(timeout_ms=POLL_TIMEOUT_MS)
-                for partition, records in fetched.items():
-                    for record in records:
-                        if record.key is not None:
-                            value = None if record.value is None else json.loads(record.value)
-                            saved[record.key.decode()] = (partition.partition, value)
-                if fetched:
-                    quiet_since = time.monotonic()
-        finally:
-            await reader.stop()
         now = time.monotonic()
-        for source_id, (partition, snapshot) in saved.items():
+        for source_id, saved in state.items():
+            snapshot = None if saved.value is None else json.loads(saved.value)
             self._tracker.restore(source_id, snapshot)
             if snapshot is not None:
-                self._partition_of[source_id] = partition
+                self._partition_of[source_id] = saved.partition
                 self._heard_at[source_id] = now  # silence is counted from our start, not from before it
         open_events = sum(self._tracker.open_events(source_id) for source_id in self._tracker.sources)
         log.info("events: state of %d sources restored (%d events open)", len(self._tracker.sources), open_events)
@@ -371,10 +344,6 @@ class EventsStage:
         if client is None:
             raise EventsError("the events stage is not started")
         return client
-
-
-async def _reached(reader: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
-    return all([await reader.position(partition) >= end for partition, end in ends.items()])
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
