@@ -176,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         "no_idempotence": args.no_idempotence,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
+        "group": args.group,
     }
     config = load_run_config(args.config, flags)
     # a wide summary table even when stdout is a pipe or a file
@@ -315,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-idempotence",
         action="store_true",
         help="turn the idempotent producer off, for brokers without it such as Tansu (`framelabel broker`)",
+    )
+    run.add_argument(
+        "--group",
+        metavar="NAME",
+        help="run as a worker of this group: the sources come from the topic `framelabel sources` manages",
     )
     _add_metrics_flags(run, "/metrics, /healthz, /readyz, the live view at / and /api/sources")
     run.set_defaults(handler=_run)
