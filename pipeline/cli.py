@@ -18,14 +18,15 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pipeline.annotators import Annotator
-from pipeline.config import AnnotatorConfig, load_kafka_settings, load_run_config
+from pipeline.cluster.settings import SOURCES_PARTITIONS, SOURCES_TOPIC, STATUS_TOPIC
+from pipeline.config import AnnotatorConfig, load_kafka_settings, load_run_config, load_sources
 from pipeline.job import build_annotator
-from pipeline.kafka import DEFAULT_TOPIC
+from pipeline.kafka import DEFAULT_TOPIC, EMBEDDED, KafkaConnection
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.api.image_pb2 import Image
 from services.classifier import load_classifier
 from services.config import load_service_config, validate
-from services.errors import FramelabelError, InvalidImageError
+from services.errors import ConfigError, FramelabelError, InvalidImageError
 from services.imaging import ImageLimits, sniff_format
 
 log = logging.getLogger("framelabel")
@@ -161,13 +162,7 @@ async def _annotate_files(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.job import run_job
 
-    flags = {
-        "sources": args.source,
-        "fps": args.fps,
-        "every_nth": args.every_nth,
-        "realtime": args.realtime or None,
-        "loop": args.loop or None,
-        "start_ms": args.start_ms,
+    flags = _source_flags(args) | {
         "classifier": args.classifier,
         "targets": args.target,
         "tls": args.tls,
@@ -179,9 +174,76 @@ def _run(args: argparse.Namespace) -> int:
         "group": args.group,
     }
     config = load_run_config(args.config, flags)
-    # a wide summary table even when stdout is a pipe or a file
-    console = Console() if sys.stdout.isatty() else Console(width=160)
-    return asyncio.run(run_job(config, console))
+    return asyncio.run(run_job(config, _stdout_console()))
+
+
+def _source_flags(args: argparse.Namespace) -> dict[str, object]:
+    """`--source` and the per-source settings (SOURCE_FLAGS) as `load_run_config` and `load_sources` take them."""
+    return {
+        "sources": args.source,
+        "fps": args.fps,
+        "every_nth": args.every_nth,
+        "realtime": args.realtime or None,
+        "loop": args.loop or None,
+        "start_ms": args.start_ms,
+    }
+
+
+def _stdout_console() -> Console:
+    """Tables at the terminal's width; wide ones when stdout is a pipe or a file."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _cluster_connection(args: argparse.Namespace) -> KafkaConnection:
+    """The cluster the catalog and status topics live on: `--config`'s `kafka:` section, `--bootstrap` on top."""
+    flags = {"bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP)}
+    connection = load_kafka_settings(args.config, flags)
+    if connection.bootstrap_servers == EMBEDDED:
+        raise ConfigError("the sources and status topics need a Kafka address (--bootstrap), not a run's embedded one")
+    return connection
+
+
+def _sources_add(args: argparse.Namespace) -> int:
+    from pipeline.cluster import command
+
+    sources = load_sources(args.file, _source_flags(args))
+    print(asyncio.run(command.add(_cluster_connection(args), args.topic, args.partitions, sources)))
+    return 0
+
+
+def _sources_remove(args: argparse.Namespace) -> int:
+    from pipeline.cluster import command
+
+    print(asyncio.run(command.remove(_cluster_connection(args), args.topic, args.ids)))
+    return 0
+
+
+def _sources_list(args: argparse.Namespace) -> int:
+    from pipeline.cluster import command
+    from pipeline.cluster.catalog import read_sources
+
+    catalog = asyncio.run(read_sources(_cluster_connection(args), args.topic))
+    if args.json:
+        for line in command.catalog_lines(catalog):
+            print(line, flush=True)
+    else:
+        console = _stdout_console()
+        console.print(command.catalog_view(catalog, args.topic, console.width))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.cluster import command
+
+    workers, catalog = asyncio.run(
+        command.read_cluster(_cluster_connection(args), args.status_topic, args.sources_topic, args.group)
+    )
+    if args.json:
+        print(command.status_json(workers, catalog), flush=True)
+    else:
+        console = _stdout_console()
+        console.print(command.status_view(workers, catalog, console.width))
+    return 0
 
 
 async def _consume(args: argparse.Namespace) -> int:
@@ -251,6 +313,65 @@ def _add_metrics_flags(command: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_per_source_flags(command: argparse.ArgumentParser) -> None:
+    """The settings SOURCE_FLAGS names, each set on every source the command is given."""
+    sampling = command.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="annotate at most this many frames a second, for every source")
+    sampling.add_argument("--every-nth", type=int, metavar="N", help="annotate every Nth frame, for every source")
+    command.add_argument("--realtime", action="store_true", help="files: play at their own speed, as a camera would")
+    command.add_argument("--loop", action="store_true", help="files: start again at the end, until stopped")
+    command.add_argument(
+        "--start-ms",
+        type=_bounded(float, 0, None, "a media position"),
+        metavar="MS",
+        help="files: start at this media position (the summary's `last_published`, to resume a replay)",
+    )
+
+
+def _add_cluster_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--config", type=Path, help="connect with the `kafka:` section of this run YAML (address, TLS, SASL)"
+    )
+    command.add_argument(
+        "--bootstrap", help=f"Kafka bootstrap servers (default: the config's, or {DEFAULT_CONSUME_BOOTSTRAP})"
+    )
+
+
+def _add_cluster_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sources = commands.add_parser("sources", help="the sources a group of `run --group` workers shares, on Kafka")
+    actions = sources.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add sources to the catalog, or replace those of the same id")
+    add.add_argument("--source", action="append", metavar="[ID=]URI", help="a source (repeatable), as `run` takes it")
+    add.add_argument(
+        "--file", type=Path, metavar="SOURCES.yaml", help="the `sources:` list of this YAML, as a run config has it"
+    )
+    _add_per_source_flags(add)
+    add.add_argument(
+        "--partitions",
+        type=_bounded(int, 1, None, "a partition count"),
+        default=SOURCES_PARTITIONS,
+        help=f"partitions of a new topic: the most workers that can share it (default: {SOURCES_PARTITIONS})",
+    )
+    add.set_defaults(handler=_sources_add)
+    remove = actions.add_parser("remove", help="remove sources from the catalog: their workers stop them")
+    remove.add_argument("ids", nargs="+", metavar="ID")
+    remove.set_defaults(handler=_sources_remove)
+    listing = actions.add_parser("list", help="the sources in the catalog, with their partitions")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    listing.set_defaults(handler=_sources_list)
+    for action in (add, remove, listing):
+        _add_cluster_flags(action)
+        action.add_argument("--topic", default=SOURCES_TOPIC, help=f"the sources topic (default: {SOURCES_TOPIC})")
+
+    status = commands.add_parser("status", help="the workers of `run --group`: alive or not, and their sources")
+    _add_cluster_flags(status)
+    status.add_argument("--status-topic", default=STATUS_TOPIC, help=f"(default: {STATUS_TOPIC})")
+    status.add_argument("--sources-topic", default=SOURCES_TOPIC, help=f"(default: {SOURCES_TOPIC})")
+    status.add_argument("--group", help="only the workers of this group")
+    status.add_argument("--json", action="store_true", help="everything as one JSON object")
+    status.set_defaults(handler=_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framelabel", description=__doc__)
     parser.add_argument(
@@ -295,17 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[ID=]URI",
         help="a source (repeatable; replaces the config's); without ID=, the id is the file's name or camera's host",
     )
-    sampling = run.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=float, help="annotate at most this many frames a second, for every source")
-    sampling.add_argument("--every-nth", type=int, metavar="N", help="annotate every Nth frame, for every source")
-    run.add_argument("--realtime", action="store_true", help="files: play at their own speed, as a camera would")
-    run.add_argument("--loop", action="store_true", help="files: start again at the end, until stopped")
-    run.add_argument(
-        "--start-ms",
-        type=_bounded(float, 0, None, "a media position"),
-        metavar="MS",
-        help="files: start at this media position (the summary's `last_published`, to resume a replay)",
-    )
+    _add_per_source_flags(run)
     run_where = run.add_mutually_exclusive_group()
     run_where.add_argument("--classifier", help="annotate in-process with this classifier")
     run_where.add_argument("--target", action="append", metavar="HOST:PORT", help="annotate over gRPC (repeatable)")
@@ -367,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): exactly once where the broker has transactions, else at least once",
     )
     events.set_defaults(handler=_events)
+
+    _add_cluster_commands(commands)
 
     broker = commands.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) on its own")
     broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default: 9092; 0 picks a free one)")

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -85,7 +85,21 @@ class AnnotatorConfig(StrictModel):
         return self
 
 
-class RunConfig(StrictModel):
+class SourceList(StrictModel):
+    """A `sources:` list: a run's, or the sources put on the catalog topic at once."""
+
+    sources: Annotated[list[SourceConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique_source_ids(self) -> Self:
+        ids = [source.id for source in self.sources]
+        repeated = sorted({source_id for source_id in ids if ids.count(source_id) > 1})
+        if repeated:
+            raise ValueError(f"source ids must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+
+class RunConfig(SourceList):
     sources: list[SourceConfig] = Field(default_factory=list)
     group: GroupConfig | None = None  # a worker of this group: the sources come from the group's topic
     annotator: AnnotatorConfig = AnnotatorConfig()
@@ -103,14 +117,6 @@ class RunConfig(StrictModel):
                 f"a worker of group {self.group.name} runs the sources of topic {self.group.sources_topic}: add them "
                 "with `framelabel sources add`, not under `sources`"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _unique_source_ids(self) -> RunConfig:
-        ids = [source.id for source in self.sources]
-        repeated = sorted({source_id for source_id in ids if ids.count(source_id) > 1})
-        if repeated:
-            raise ValueError(f"source ids must be unique; repeated: {', '.join(repeated)}")
         return self
 
 
@@ -153,18 +159,11 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         data["sources"] = [{"id": "bigbuckbunny", "uri": str(sample_clip())}]
     annotator = dict(data.get("annotator") or {})
     annotator = resolve_paths(annotator, base, ("classifiers_file", "ca_file"))
-    if isinstance(data.get("sources"), list):
-        data["sources"] = [
-            resolve_paths(source, base, ("uri",)) if isinstance(source, dict) and _is_relative_path(source) else source
-            for source in data["sources"]
-        ]
+    sources = resolve_source_paths(data.get("sources"), base)
     if flags.get("sources"):  # relative to the working directory, as a user typing them expects
-        data["sources"] = [parse_source_flag(flag) for flag in flags["sources"]]
-    if isinstance(data.get("sources"), list):  # package://PKG/FILE: a file shipped in an installed package
-        data["sources"] = [_packaged_uri(source) for source in data["sources"]]
-    given = {name: flags[name] for name in SOURCE_FLAGS if flags.get(name) is not None}
-    if given and isinstance(data.get("sources"), list):
-        data["sources"] = [source | given if isinstance(source, dict) else source for source in data["sources"]]
+        sources = [parse_source_flag(flag) for flag in flags["sources"]]
+    if isinstance(sources, list):  # package://PKG/FILE: a file shipped in an installed package
+        data["sources"] = [_packaged_uri(source) for source in apply_source_flags(sources, flags)]
     if flags.get("classifier"):
         annotator |= {"kind": "in-process", "classifier": flags["classifier"]}
     if flags.get("targets"):
@@ -177,6 +176,43 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
         data["events"] = events_section(data["events"], data["kafka"].get("topic", DEFAULT_TOPIC))
     apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
     return validate(RunConfig, data, str(path or "the command line"))
+
+
+def load_sources(path: Path | None, flags: Mapping[str, Any]) -> list[SourceConfig]:
+    """The sources of a `sources:` YAML file and of `--source` flags, for a catalog that workers elsewhere read.
+
+    Relative paths become absolute (the file's folder, or the working directory for flags); `package://` URIs
+    stay as written, for each worker to find in its own installation. flags: `sources` and SOURCE_FLAGS."""
+    sources: list[Any] = []
+    if path is not None:
+        listed = read_yaml(path).get("sources")
+        if not isinstance(listed, list):
+            raise ConfigError(f"{path}: expected a `sources:` list, as in a run config")
+        sources += resolve_source_paths(listed, path.parent.absolute())
+    flagged = [parse_source_flag(flag) for flag in flags.get("sources") or ()]
+    sources += resolve_source_paths(flagged, Path.cwd())
+    if not sources:
+        raise ConfigError("no sources given: name them with --source [ID=]URI or --file SOURCES.yaml")
+    where = f"{path} and the command line" if path and flagged else str(path or "the command line")
+    return validate(SourceList, {"sources": apply_source_flags(sources, flags)}, where).sources
+
+
+def resolve_source_paths(sources: Any, base: Path) -> Any:
+    """A `sources:` list with each relative file path joined to `base` (`..` folded); anything else as it was."""
+    if not isinstance(sources, list):
+        return sources
+    return [
+        source | {"uri": os.path.normpath(base / source["uri"])}
+        if isinstance(source, dict) and _is_relative_path(source)
+        else source
+        for source in sources
+    ]
+
+
+def apply_source_flags(sources: list[Any], flags: Mapping[str, Any]) -> list[Any]:
+    """The per-source flags that were given (SOURCE_FLAGS) set on every source of a `sources:` list."""
+    given = {name: flags[name] for name in SOURCE_FLAGS if flags.get(name) is not None}
+    return [source | given if isinstance(source, dict) else source for source in sources]
 
 
 def load_kafka_settings(path: Path | None, flags: Mapping[str, Any]) -> KafkaSettings:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.codec import has_gzip, has_lz4, has_snappy, has_zstd
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError, for_code
@@ -142,6 +142,17 @@ def unreachable(connection: KafkaConnection, exc: BaseException, hint: str = "")
         reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
         return KafkaUnreachable(f"cannot reach Kafka at {connection.bootstrap_servers}: {reason}{hint}")
     return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}{hint}")
+
+
+async def started_producer(connection: KafkaConnection, **options: Any) -> AIOKafkaProducer:
+    """An aiokafka producer with our connection options (`options` on top), started; KafkaUnreachable if not."""
+    producer = AIOKafkaProducer(**client_options(connection) | options)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise unreachable(connection, exc) from exc
+    return producer
 
 
 async def ensure_topic(settings: KafkaSettings, configs: dict[str, str] | None = None) -> None:

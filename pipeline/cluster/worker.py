@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -39,7 +39,7 @@ from pipeline.cluster.status import SourceStatus, StatusPublisher, WorkerStatus,
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.frames import DeliveryPolicy
 from pipeline.job import ExitStatus, StopSignals, exit_status, started_stages, stop_runner
-from pipeline.kafka import EMBEDDED, KafkaSettings, client_options, read_latest, unreachable
+from pipeline.kafka import EMBEDDED, KafkaSettings, client_options, read_latest, started_producer, unreachable
 from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import ProgressLog, Publisher, PublishError
 from pipeline.report import RunReports, summary
@@ -176,11 +176,8 @@ class Worker:
         await self._send(self._group.progress_topic, source_id, value)
         log.info("source %s: replay ended after frame %s", source_id, value["frame"])
 
-    async def _send(self, topic: str, key: str, value: dict[str, object]) -> None:
-        from aiokafka import AIOKafkaProducer
-
-        producer = AIOKafkaProducer(**client_options(self._connection), acks="all", enable_idempotence=False)
-        await producer.start()
+    async def _send(self, topic: str, key: str, value: Mapping[str, object]) -> None:
+        producer = await started_producer(self._connection, acks="all", enable_idempotence=False)
         try:
             await producer.send_and_wait(topic, json.dumps(value).encode(), key=key.encode())
         finally:

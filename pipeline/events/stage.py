@@ -32,7 +32,15 @@ from aiokafka.errors import KafkaError
 from pipeline.events.record import encode_event
 from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EndReason, EventTracker, Observation
-from pipeline.kafka import KafkaConnection, KafkaSettings, client_options, ensure_topic, read_latest, unreachable
+from pipeline.kafka import (
+    KafkaConnection,
+    KafkaSettings,
+    client_options,
+    ensure_topic,
+    read_latest,
+    started_producer,
+    unreachable,
+)
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import ClassifierSpecification
@@ -279,13 +287,7 @@ class EventsStage:
                 return producer
             finally:
                 sender_log.setLevel(level)
-        producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=False)
-        try:
-            await producer.start()
-        except KafkaError as exc:
-            await producer.stop()
-            raise unreachable(self._connection, exc) from exc
-        return producer
+        return await started_producer(self._connection, acks="all", enable_idempotence=False)
 
     async def restore(self, partitions: set[int]) -> None:
         """Read the state of the sources in `partitions` back from the changelog, to its end."""

@@ -33,6 +33,8 @@ from pipeline.sources._types import SourceError, SourceSettings, SourceStats
 from pipeline.sources.camera import LIVE_SCHEMES, CameraSource, is_camera, mask_credentials
 from pipeline.sources.image_folder import ImageFolderSource, is_glob
 from pipeline.sources.video_file import VideoFileSource
+from services.config import PACKAGE_SCHEME, package_file
+from services.errors import ConfigError
 
 
 class Source(Protocol):
@@ -63,7 +65,8 @@ class Source(Protocol):
 
 
 def check_uri(uri: str) -> str:
-    """The URI as a source reads it (`file://` dropped); ValueError for an empty one or an unknown scheme."""
+    """The URI as a source reads it (`file://` dropped, `package://PKG/FILE` the installed file's path);
+    ValueError for an empty one, an unknown scheme or a package that is not installed."""
     if not uri.strip():
         raise ValueError("a source URI must not be empty")
     scheme, separator, rest = uri.partition("://")
@@ -71,7 +74,12 @@ def check_uri(uri: str) -> str:
         return uri
     if scheme.lower() == "file":
         return rest
-    known = ", ".join(f"{name}://" for name in sorted(LIVE_SCHEMES | {"file"}))
+    if f"{scheme.lower()}://" == PACKAGE_SCHEME:  # as a sources catalog keeps it, for each worker to find
+        try:
+            return str(package_file(uri))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+    known = ", ".join(f"{name}://" for name in sorted(LIVE_SCHEMES | {"file", "package"}))
     raise ValueError(f"unknown scheme {scheme}:// in {mask_credentials(uri)}: known ones are {known}, or a path")
 
 
