@@ -2,7 +2,7 @@
 
     with network(hosts=2) as net, tansu_broker(net) as bootstrap:
         worker = net.start(net.hosts[0], [FRAMELABEL, "run", ...])  # a Popen; the caller stops it
-        net.cut(net.hosts[0])   # host 0 can reach nothing but itself
+        net.cut(net.hosts[0])   # host 0 reaches nothing but itself: no broker, no other host
         net.heal(net.hosts[0])  # and everything again
 
 What it builds (needs root, `ip` and `nft`):
@@ -12,7 +12,8 @@ What it builds (needs root, `ip` and `nft`):
     root namespace   flnPIDnK 10.231.N.254  ─┘  (the test process itself; never cut)
 
 The test process is wired to the bridge too, so the existing in-process clients
-(tests/kafka.py `read_topic`, `raw_records`) read the broker at `net.broker.address`.
+(tests/kafka.py `read_topic`, `raw_records`) reach the broker at the address
+`tansu_broker` yields.
 N is picked per run among the /24s the root namespace does not use yet, so runs in
 parallel never share addresses. Every name starts with `fln{pid}n{k}`: on exit the
 run's processes, namespaces and root veth are removed, and whatever a run that
