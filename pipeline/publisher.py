@@ -397,7 +397,8 @@ class Publisher:
         attempts = self._resend.start()
         while True:
             if not line.sending:
-                line.idle.set()
+                if not line.waiting:
+                    line.idle.set()
                 await line.wake.wait()
             line.wake.clear()
             line.sending.extend(line.waiting)

@@ -27,6 +27,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -115,30 +116,39 @@ class Worker:
             for lane in list(self._runner.lanes):
                 if lane.report.source_id not in self.running:
                     await self._stop(lane.report.source_id)
-            for source_id, config in self._wanted().items():
-                if source_id not in self.running:
-                    await self._start(config)
+            starting = [config for source_id, config in self._wanted().items() if source_id not in self.running]
+            if not starting:
+                return
+            replays = [config for config in starting if self._is_replay(config)]
+            if self._transactional:  # fences the workers that ran them before, before their progress is read
+                await asyncio.gather(*(self._claim(config.id) for config in replays))
+            progress = await self._progress() if replays else {}
+            for config in starting:
+                self._start(config, progress.get(config.id))
 
-    async def _start(self, config: SourceConfig) -> None:
+    @staticmethod
+    def _is_replay(config: SourceConfig) -> bool:
+        return open_source(config.id, config.uri, config, config).policy is DeliveryPolicy.REPLAY and not config.loop
+
+    async def _claim(self, source_id: str) -> None:
+        await self._serving()[1].claim(source_id, f"framelabel.{self._group.name}.{source_id}")
+
+    def _start(self, config: SourceConfig, progress: Mapping[str, Any] | None) -> None:
         """Start the source here; a replay after the last frame its progress records (or not at all if it ended)."""
-        runner, publisher = self._serving()
+        runner = self._serving()[0]
         self.running[config.id] = config
         settings = config
-        if open_source(config.id, config.uri, config, config).policy is DeliveryPolicy.REPLAY and not config.loop:
-            if self._transactional:  # fences the worker that ran it before, before its progress is read
-                await publisher.claim(config.id, f"framelabel.{self._group.name}.{config.id}")
-            progress = await self._progress(config.id)
-            if progress is not None and progress.get("ended"):
-                log.info("source %s: its replay ended (on worker %s); not started again", config.id, progress["worker"])
-                return
-            if progress is not None and progress.get("position_ms") is not None:
-                log.info(
-                    "source %s: resuming after frame %s (published by worker %s)",
-                    config.id,
-                    progress["frame"],
-                    progress["worker"],
-                )
-                settings = config.model_copy(update={"resume_after_ms": progress["position_ms"]})
+        if progress is not None and progress.get("ended"):
+            log.info("source %s: its replay ended (on worker %s); not started again", config.id, progress["worker"])
+            return
+        if progress is not None and progress.get("position_ms") is not None:
+            log.info(
+                "source %s: resuming after frame %s (published by worker %s)",
+                config.id,
+                progress["frame"],
+                progress["worker"],
+            )
+            settings = config.model_copy(update={"resume_after_ms": progress["position_ms"]})
         source = open_source(config.id, config.uri, settings, settings)
         report = self._reports.add(source)
         runner.start_lane(Lane(source=source, sampling=settings, encoding=settings, report=report))
@@ -158,10 +168,10 @@ class Worker:
             raise RuntimeError("the worker is not serving")
         return self._runner, self._publisher
 
-    async def _progress(self, source_id: str) -> dict[str, object] | None:
+    async def _progress(self) -> dict[str, dict[str, Any]]:
+        """Every replay's last recorded progress, by source id."""
         latest = await read_latest(self._connection, self._group.progress_topic, read_committed=self._transactional)
-        saved = latest.get(source_id)
-        return None if saved is None or saved.value is None else json.loads(saved.value)
+        return {source_id: json.loads(saved.value) for source_id, saved in latest.items() if saved.value is not None}
 
     async def lane_ended(self, lane: Lane) -> None:
         """A replay that read to its end is recorded as ended: no worker starts it again."""
