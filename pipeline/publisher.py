@@ -294,7 +294,8 @@ class Publisher:
         line = self._line(info.source_id)
         if line.broken is not None:
             raise PublishError(f"cannot publish {info.source_id} frame {info.index}: {line.broken}")
-        record = encode_record(frame, self.settings.value_format)
+        worker = None if self._progress is None else self._progress.worker
+        record = encode_record(frame, self.settings.value_format, worker)
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
         if size > self.settings.max_request_bytes:  # aiokafka would only refuse it later, in the line's task
             raise PublishError(
