@@ -1,7 +1,8 @@
-"""Replicas of the Annotate service: one is SIGKILLed, and neither the calls nor a run notice.
+"""Replicas of the Annotate service: one dies, and neither the calls nor a run notice.
 
-Real `framelabel serve` processes on 127.0.0.1, a real broker and a real clip. How soon the dead
-replica is skipped and how many calls moved to the other are figures (tests/figures.py), not assertions.
+Real `framelabel serve` processes on 127.0.0.1 (SIGKILLed, SIGTERMed, started again), a real broker
+and a real clip; the health protocol alone is flipped on a service run in the test's own process.
+How soon a dead replica is skipped and how many calls moved to the other are figures (tests/figures.py).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
+
 from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
-from tests.cameras import CLIPS
+from services.classifier import load_classifier
+from services.config import ServiceConfig
+from services.server import AnnotateServer
 from tests.faults import TopicWatcher, delivery_figures, eventually, pipeline_run, write_run_config
 from tests.helpers import ServiceProcess, jpeg, photo, request
 from tests.kafka import kafka_broker, read_topic
 from tests.test_faults import log_time
-from tests.test_run import frame_count
+from tests.test_run import BIKES, frame_count
 
-BIKES = CLIPS / "bikes.mp4"  # 250 frames, 25 fps
 SKIPPED_WITHIN_S = 10.0  # a liveness bound only: how soon is the figure
 BACK_WITHIN_S = 30.0  # gRPC reconnects with a backoff of at most 5 s
 WORKERS = 8
@@ -93,6 +97,20 @@ async def test_a_dead_replica_is_skipped_its_calls_move_at_once_and_it_is_taken_
         assert annotator.live_targets == (back.address,)
         figures["replica SIGTERMed (NOT_SERVING): seconds until the client skips it"] = skipped_after_s
     assert set(codes) == {"OK", "UNAVAILABLE"}
+
+
+async def test_a_replica_saying_not_serving_is_skipped_though_connected_and_taken_back_when_serving() -> None:
+    """The standard health protocol itself, not only the connection: the health flips while the port stays open."""
+    classifier = await asyncio.to_thread(load_classifier, "imagenet")
+    async with AnnotateServer(ServiceConfig(port=0), classifier) as server:
+        target = f"127.0.0.1:{server.port}"
+        async with GrpcAnnotator(GrpcSettings(targets=(target,))) as annotator:
+            await eventually(lambda: annotator.live_targets == (target,), "the replica to be live")
+            await server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await eventually(lambda: annotator.live_targets == (), "NOT_SERVING to be skipped", SKIPPED_WITHIN_S)
+            await server.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await eventually(lambda: annotator.live_targets == (target,), "it to be taken back", BACK_WITHIN_S)
+            assert (await annotator.annotate(COFFEE, patient=False)).annotations[0].label.name == "espresso"
 
 
 async def test_a_replica_killed_mid_replay_costs_the_run_nothing(
