@@ -162,12 +162,12 @@ class Replica:
         call = asyncio.ensure_future(self.stub.Annotate(request, timeout=deadline_s, metadata=metadata))
         self.in_flight += 1
         try:
-            await asyncio.wait([call, down], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([call, down], return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.in_flight -= 1
             if not call.done():
                 call.cancel()
-        if not call.done():
+        if call not in done:
             raise ReplicaDown(self.target)
         response: AnnotationResponse = call.result()
         return response
