@@ -9,6 +9,17 @@ retry policy until `retry_for_seconds` has passed, then raises
 bounded. Several targets share the load in turn; each channel also balances
 `round_robin` over every address its name resolves to.
 
+Each target's channel runs gRPC's client-side health checking (the standard
+`grpc.health.v1.Health/Watch`, on every connection): a channel is READY only
+while it is connected to a server that says SERVING; a server without the
+health service counts as serving. A `Replica` follows its channel's state, and
+calls go only to READY targets in turn while there is one. When a target leaves
+READY (killed, port closed, shutting down) the calls in flight on it are
+cancelled and sent at once to a READY target, without counting a failure; it is
+taken back when its channel is READY again (gRPC reconnects with a backoff of at
+most `MAX_RECONNECT_BACKOFF_MS`). With no target READY, calls go to each in turn
+as before, and the wait above applies.
+
 `start()` opens the channels and waits up to `connect_timeout_seconds` for one
 target to accept a connection, so that a wrong address or TLS setting is one
 clear error at start, not a run that waits for a service that will never come.
@@ -40,6 +51,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 5000
 
+Metadata = tuple[tuple[str, str], ...]
 CallObserver = Callable[[str, float], None]  # each call's status code name and its duration in seconds
 
 
@@ -67,6 +79,8 @@ def service_config() -> str:
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
+            # "": the server as a whole, which every health service answers for (ours too, NOT_SERVING on shutdown)
+            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [
                 {
                     "name": [{"service": SERVICE_NAME}],
@@ -99,13 +113,75 @@ def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
     return aio.secure_channel(target, credentials, options=options)
 
 
+class ReplicaDown(Exception):
+    """The target left READY while a call was in flight on it: the call was cancelled."""
+
+
+class Replica:
+    """One target: its channel, and whether it takes calls now (READY: connected, and SERVING by its health check)."""
+
+    def __init__(self, target: str, channel: aio.Channel) -> None:
+        self.target = target
+        self.channel = channel
+        self.stub = ImageClassifierServiceStub(channel)
+        self.state = grpc.ChannelConnectivity.IDLE
+        self.in_flight = 0
+        self._went_down = False
+        self._down: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def live(self) -> bool:
+        return self.state is grpc.ChannelConnectivity.READY
+
+    async def follow(self) -> None:
+        """Track the channel's state until cancelled. IDLE is asked to connect: an idle target is not a dead one."""
+        state = self.channel.get_state(try_to_connect=True)
+        while True:
+            self._enter(state)
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state(try_to_connect=True)
+
+    def _enter(self, state: grpc.ChannelConnectivity) -> None:
+        was_live, self.state = self.live, state
+        if was_live and not self.live:
+            log.warning(
+                "Annotate target %s is down (%s): skipped until it is back; %d calls in flight on it are sent again",
+                self.target,
+                state.name,
+                self.in_flight,
+            )
+            self._went_down = True
+            self._down.set_result(None)
+            self._down = asyncio.get_running_loop().create_future()
+        elif self.live and not was_live and self._went_down:
+            log.info("Annotate target %s is back", self.target)
+
+    async def annotate(self, request: AnnotationRequest, deadline_s: float, metadata: Metadata) -> AnnotationResponse:
+        """The call; ReplicaDown as soon as the target leaves READY with it in flight (not after gRPC's retries)."""
+        down = self._down
+        call = asyncio.ensure_future(self.stub.Annotate(request, timeout=deadline_s, metadata=metadata))
+        self.in_flight += 1
+        try:
+            done, _ = await asyncio.wait([call, down], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.in_flight -= 1
+            if not call.done():
+                call.cancel()
+        if call not in done:
+            raise ReplicaDown(self.target)
+        response: AnnotationResponse = call.result()
+        return response
+
+
 class GrpcAnnotator(AnnotatorLifetime):
     def __init__(self, settings: GrpcSettings, on_call: CallObserver | None = None) -> None:
         """No I/O: start() opens the channels. `on_call` sees every call, retries included (the metrics)."""
         self.settings = settings
         self._on_call = on_call
-        self._channels: list[aio.Channel] = []
-        self._stubs: itertools.cycle[tuple[str, ImageClassifierServiceStub]] | None = None
+        self._replicas: list[Replica] = []
+        self._followers: list[asyncio.Task[None]] = []
+        self._turn = itertools.count()
+        self._started = False
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         metadata = list(settings.extra_metadata)
         if settings.authorization:
@@ -119,15 +195,20 @@ class GrpcAnnotator(AnnotatorLifetime):
 
     @property
     def ready(self) -> bool:
-        return self._stubs is not None
+        return self._started
+
+    @property
+    def live_targets(self) -> tuple[str, ...]:
+        """The targets taking calls now: connected and serving."""
+        return tuple(replica.target for replica in self._replicas if replica.live)
 
     async def start(self) -> None:
         """Open the channels; AnnotatorUnavailable naming every target if none connects in time."""
         settings = self.settings
-        self._channels = [_open_channel(target, settings) for target in settings.targets]
+        self._replicas = [Replica(target, _open_channel(target, settings)) for target in settings.targets]
         within_s = settings.connect_timeout_seconds
         log.info("connecting to the Annotate service at %s", self.description)
-        waiters = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
+        waiters = [asyncio.ensure_future(replica.channel.channel_ready()) for replica in self._replicas]
         try:
             async with saying_while_waiting(log, f"the Annotate service at {self.description}", within_s):
                 done, _ = await asyncio.wait(waiters, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
@@ -142,45 +223,61 @@ class GrpcAnnotator(AnnotatorLifetime):
                 f"(not running, a wrong address, or {tls})",
                 "UNAVAILABLE",
             )
-        stubs = [ImageClassifierServiceStub(channel) for channel in self._channels]
-        self._stubs = itertools.cycle(list(zip(settings.targets, stubs, strict=True)))
+        self._followers = [
+            asyncio.create_task(replica.follow(), name=f"health of {replica.target}") for replica in self._replicas
+        ]
+        self._started = True
 
     async def annotate(self, request: AnnotationRequest, *, patient: bool = True) -> AnnotationResponse:
-        """Impatient calls give up after gRPC's own retries instead of waiting out an outage."""
-        if self._stubs is None:
+        """Impatient calls give up after gRPC's own retries instead of waiting out an outage.
+
+        A call cut off by its target going down is sent again at once while another target is live:
+        a replica's death costs no frame and no backoff."""
+        if not self._started:
             raise AnnotatorError(f"the gRPC annotator for {self.description} is not started")
         attempts = self.settings.retry_policy.start()
         async with self._in_flight:
             while True:
-                target, stub = next(self._stubs)
+                replica = self._next_replica()
                 started = time.monotonic()
                 try:
-                    response: AnnotationResponse = await stub.Annotate(
-                        request, timeout=self.settings.deadline_seconds, metadata=self._metadata
-                    )
+                    response = await replica.annotate(request, self.settings.deadline_seconds, self._metadata)
                     self._observe("OK", started)
                     return response
                 except aio.AioRpcError as exc:
-                    code = exc.code()
-                    self._observe(code.name, started)
-                    if code == grpc.StatusCode.INVALID_ARGUMENT:
-                        raise InvalidImageError(exc.details() or "invalid argument") from None
-                    if code not in RETRYABLE:
-                        raise AnnotatorError(f"{target}: {code.name}: {exc.details()}", code.name) from None
-                    delay = attempts.failed()
-                    if not patient or attempts.expired:
-                        waited = f" for {attempts.failing_for_s:.0f} s" if patient else ""
-                        raise AnnotatorUnavailable(
-                            f"{target}: {code.name}{waited}: {exc.details()}", code.name
-                        ) from None
+                    code, details = exc.code(), exc.details()
+                except ReplicaDown:
+                    code, details = grpc.StatusCode.UNAVAILABLE, "went down with the call in flight"
+                self._observe(code.name, started)
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidImageError(details or "invalid argument") from None
+                if code not in RETRYABLE:
+                    raise AnnotatorError(f"{replica.target}: {code.name}: {details}", code.name) from None
+                if code == grpc.StatusCode.UNAVAILABLE and not replica.live and self.live_targets:
+                    continue  # its target died, another is up: no failure to count, no backoff to wait
+                delay = attempts.failed()
+                if not patient or attempts.expired:
+                    waited = f" for {attempts.failing_for_s:.0f} s" if patient else ""
+                    raise AnnotatorUnavailable(f"{replica.target}: {code.name}{waited}: {details}", code.name) from None
                 await asyncio.sleep(delay)
+
+    def _next_replica(self) -> Replica:
+        """The next live target in turn; with none live, the next in turn (its call then fails or waits)."""
+        turn = next(self._turn)
+        count = len(self._replicas)
+        in_turn = [self._replicas[(turn + offset) % count] for offset in range(count)]
+        return next((replica for replica in in_turn if replica.live), in_turn[0])
 
     def _observe(self, code: str, started: float) -> None:
         if self._on_call is not None:
             self._on_call(code, time.monotonic() - started)
 
     async def close(self) -> None:
-        self._stubs = None
-        channels, self._channels = self._channels, []
-        for channel in channels:
-            await channel.close()
+        self._started = False
+        followers, self._followers = self._followers, []
+        for follower in followers:
+            follower.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        replicas, self._replicas = self._replicas, []
+        for replica in replicas:
+            await replica.channel.close()
