@@ -91,6 +91,7 @@ class StatusPublisher:
         self._producer = await started_producer(
             self._connection, acks="all", enable_idempotence=False, request_timeout_ms=expires_ms
         )
+        await self._send(self._snapshot())  # started: the worker shows in `framelabel status`
         self._beats = asyncio.create_task(self._beat(), name=f"status heartbeats to {self._topic}")
         return self
 
@@ -107,8 +108,8 @@ class StatusPublisher:
 
     async def _beat(self) -> None:
         while True:
-            await self._send(self._snapshot())
             await asyncio.sleep(self._interval_s)
+            await self._send(self._snapshot())
 
     async def _send(self, status: WorkerStatus) -> None:
         if self._producer is None:
