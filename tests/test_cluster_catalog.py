@@ -296,6 +296,23 @@ async def test_heartbeats_outlast_a_broker_that_stops_answering(
     assert worker.stopped
 
 
+async def test_a_snapshot_that_fails_surfaces_when_the_heartbeats_end(broker: EmbeddedBroker) -> None:
+    calls: list[int] = []
+
+    def snapshot() -> WorkerStatus:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the worker's snapshot broke")
+        return heartbeat("w1", "g", [])
+
+    kafka = connection(broker.address, STATUS_TOPIC)
+    with pytest.raises(RuntimeError, match="the worker's snapshot broke"):
+        async with StatusPublisher(kafka, STATUS_TOPIC, snapshot, interval_s=0.05):
+            await eventually(lambda: len(calls) > 1, "a second snapshot")
+    (worker,) = await read_status(kafka, STATUS_TOPIC)
+    assert not worker.stopped  # no last heartbeat made up without a snapshot
+
+
 # the narrow layouts
 
 

@@ -56,8 +56,12 @@ def catalog_lines(catalog: Catalog) -> list[str]:
     """`sources list --json`: one JSON object per source, then one per record that is not a source."""
     lines = [
         json.dumps(
-            {"id": source_id, "uri": mask_credentials(entry.config.uri), "partition": entry.partition}
-            | {"settings": settings_of(entry.config)},
+            {
+                "id": source_id,
+                "uri": mask_credentials(entry.config.uri),
+                "partition": entry.partition,
+                "settings": settings_of(entry.config),
+            },
             ensure_ascii=False,
         )
         for source_id, entry in catalog.sources.items()
