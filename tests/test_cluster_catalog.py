@@ -32,7 +32,7 @@ from pipeline.cluster.status import SourceStatus, StatusPublisher, WorkerStatus,
 from pipeline.config import SourceConfig, load_sources
 from services.errors import ConfigError
 from tests.cameras import free_port
-from tests.faults import eventually, framelabel_process
+from tests.faults import eventually, framelabel_process, write_run_config
 from tests.helpers import within
 from tests.kafka import connection, kafka_broker, partition_count, paused
 
@@ -96,7 +96,9 @@ def test_sources_to_add_have_absolute_paths_and_packaged_uris_as_written(
 ) -> None:
     listing = tmp_path / "lists" / "sources.yaml"
     listing.parent.mkdir()
-    listing.write_text(f"sources:\n  - {{id: a, uri: ../clips/a.mp4}}\n  - {{id: b, uri: '{PACKAGED}'}}\n")
+    listing.write_text(  # a run config will do: its other sections are not read
+        f"sources:\n  - {{id: a, uri: ../clips/a.mp4}}\n  - {{id: b, uri: '{PACKAGED}'}}\nannotator: {{kind: grpc}}\n"
+    )
     monkeypatch.chdir(tmp_path)
     sources = load_sources(listing, {"sources": ["c=c.mp4", CAMERA], "loop": True})
     assert [(s.id, s.uri) for s in sources] == [
@@ -151,7 +153,9 @@ async def test_sources_added_listed_replaced_and_removed_as_a_user_types_them(
     assert "demo" not in out
 
 
-async def test_a_record_that_is_not_a_source_is_listed_with_why_and_can_be_removed(broker: EmbeddedBroker) -> None:
+async def test_a_record_that_is_not_a_source_is_listed_with_why_and_can_be_removed(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
     kafka = ("--bootstrap", broker.address)
     await ensure_compacted_topic(connection(broker.address, SOURCES_TOPIC), SOURCES_TOPIC, 2)
     producer = AIOKafkaProducer(bootstrap_servers=broker.address)
@@ -166,7 +170,9 @@ async def test_a_record_that_is_not_a_source_is_listed_with_why_and_can_be_remov
     assert code == 0, err
     assert "records that are not sources" in out
     assert "cam: not valid JSON" in out
-    code, out, err = await framelabel("sources", "list", *kafka, "--json")
+    run_config = write_run_config(tmp_path, broker.address, [])  # its `kafka:` section says where
+    code, out, err = await framelabel("sources", "list", "--config", str(run_config), "--json")
+    assert code == 0, err
     assert [line["id"] for line in json_lines(out)] == ["ok", "cam"]
     assert json_lines(out)[1]["invalid"].startswith("not valid JSON")
 

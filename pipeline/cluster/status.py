@@ -37,9 +37,9 @@ class SourceStatus(BaseModel):
     published: int
     dropped: int
     failed: int
-    last_frame: int | None  # index of the last frame published
-    latency_ms: float | None  # capture → published, median of the recent frames
-    error: str | None
+    last_frame: int | None = None  # index of the last frame published
+    latency_ms: float | None = None  # capture → published, median of the recent frames
+    error: str | None = None  # the last one, as the run's log says it
 
 
 class WorkerStatus(BaseModel):
