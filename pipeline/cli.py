@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pipeline.annotators import Annotator
-from pipeline.cluster.catalog import SOURCES_PARTITIONS, SOURCES_TOPIC, STATUS_TOPIC
+from pipeline.cluster.settings import SOURCES_PARTITIONS, SOURCES_TOPIC, STATUS_TOPIC
 from pipeline.config import AnnotatorConfig, load_kafka_settings, load_run_config, load_sources
 from pipeline.job import build_annotator
 from pipeline.kafka import DEFAULT_TOPIC, EMBEDDED, KafkaConnection
@@ -171,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         "no_idempotence": args.no_idempotence,
         "metrics_port": args.metrics_port,
         "metrics_host": args.metrics_host,
+        "group": args.group,
     }
     config = load_run_config(args.config, flags)
     return asyncio.run(run_job(config, _stdout_console()))
@@ -430,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-idempotence",
         action="store_true",
         help="turn the idempotent producer off, for brokers without it such as Tansu (`framelabel broker`)",
+    )
+    run.add_argument(
+        "--group",
+        metavar="NAME",
+        help="run as a worker of this group: the sources come from the topic `framelabel sources` manages",
     )
     _add_metrics_flags(run, "/metrics, /healthz, /readyz, the live view at / and /api/sources")
     run.set_defaults(handler=_run)

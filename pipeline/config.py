@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.cluster.settings import GroupConfig
 from pipeline.encoder import EncoderSettings
 from pipeline.events.settings import EventsConfig, events_section
 from pipeline.kafka import DEFAULT_TOPIC, KafkaSettings
@@ -99,11 +100,24 @@ class SourceList(StrictModel):
 
 
 class RunConfig(SourceList):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    group: GroupConfig | None = None  # a worker of this group: the sources come from the group's topic
     annotator: AnnotatorConfig = AnnotatorConfig()
     kafka: KafkaSettings = KafkaSettings()
     metrics: MonitoringSettings = MonitoringSettings()
     frames_in_flight: Annotated[int, Field(ge=1, description="per source, between capture and publish")] = 4
     events: EventsConfig | None = None  # the events stage beside the run, reading what it publishes
+
+    @model_validator(mode="after")
+    def _sources_or_group(self) -> RunConfig:
+        if self.group is None and not self.sources:
+            raise ValueError("`sources` must list at least one source (or `group` name the workers' group)")
+        if self.group is not None and self.sources:
+            raise ValueError(
+                f"a worker of group {self.group.name} runs the sources of topic {self.group.sources_topic}: add them "
+                "with `framelabel sources add`, not under `sources`"
+            )
+        return self
 
 
 PLAIN_ID = re.compile(r"[\w.\-]+")  # an id before `=` on the command line: no `/` or `:`, so a URL is never one
@@ -139,7 +153,9 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     """
     data = read_yaml(path) if path else {}
     base = path.parent if path else Path.cwd()
-    if not path:
+    if flags.get("group"):
+        data["group"] = (data.get("group") or {}) | {"name": flags["group"]}
+    if not path and not data.get("group"):
         data["sources"] = [{"id": "bigbuckbunny", "uri": str(sample_clip())}]
     annotator = dict(data.get("annotator") or {})
     annotator = resolve_paths(annotator, base, ("classifiers_file", "ca_file"))

@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from rich.console import Console
 
@@ -33,11 +34,11 @@ from pipeline.annotators.grpc_client import CallObserver, GrpcAnnotator, GrpcSet
 from pipeline.annotators.in_process import InProcessAnnotator
 from pipeline.broker import EmbeddedBroker
 from pipeline.config import AnnotatorConfig, RunConfig
-from pipeline.events.in_run import events_in_run
+from pipeline.events.in_run import RunEvents, events_in_run
 from pipeline.kafka import EMBEDDED, KafkaSettings
 from pipeline.live_view import LiveView
 from pipeline.metrics import PipelineMetrics
-from pipeline.publisher import Publisher, PublishError
+from pipeline.publisher import Ownership, ProgressLog, Publisher, PublishError
 from pipeline.report import ProgressDisplay, RunReports, summary
 from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
@@ -183,6 +184,10 @@ def exit_status(reports: RunReports, gave_up: bool) -> ExitStatus:
 
 async def run_job(config: RunConfig, console: Console) -> int:
     """Run until the sources end or a signal stops the run; the exit status. Start-up failures raise."""
+    if config.group is not None:
+        from pipeline.cluster.worker import run_worker  # it builds on this module
+
+        return await run_worker(config, console)
     sources = [open_source(c.id, c.uri, c, c) for c in config.sources]
     metrics = PipelineMetrics()
     reports = RunReports(sources, metrics)
@@ -208,6 +213,47 @@ async def run_job(config: RunConfig, console: Console) -> int:
     return exit_status(reports, signals.gave_up)
 
 
+@dataclass
+class Stages:
+    """The stages every source shares, started: Kafka's address, the annotator, the publisher, the events stage."""
+
+    settings: KafkaSettings
+    annotator: Annotator
+    publisher: Publisher
+    events: RunEvents | None
+
+
+@contextlib.asynccontextmanager
+async def started_stages(
+    config: RunConfig,
+    console: Console,
+    reports: RunReports,
+    metrics: PipelineMetrics,
+    ownership: Ownership | None = None,
+    progress: ProgressLog | None = None,
+) -> AsyncIterator[Stages]:
+    """Monitoring (first, so that /healthz answers while the rest starts), Kafka, the annotator, the publisher
+    (`ownership`, `progress`: a worker's, see `Publisher`) and the events stage; stopped in reverse."""
+    async with contextlib.AsyncExitStack() as stack:
+        readiness = Readiness(reports)
+        live_view = LiveView(reports)
+        if config.metrics.port is not None:
+            monitoring = MonitoringServer(config.metrics, metrics.registry, readiness)
+            live_view.add_routes(monitoring.app)
+            await stack.enter_async_context(monitoring)
+        settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
+        annotator = await stack.enter_async_context(build_annotator(config.annotator, metrics.grpc_call))
+        readiness.annotator = annotator
+        publisher = Publisher(settings, reports, ownership=ownership, progress=progress)
+        await stack.enter_async_context(publisher)
+        readiness.kafka = True
+        metrics.watch_publisher(publisher)
+        events = await stack.enter_async_context(events_in_run(settings, config.events))
+        if events is not None:
+            live_view.events = events.recent
+        yield Stages(settings, annotator, publisher, events)
+
+
 async def _run(
     config: RunConfig,
     console: Console,
@@ -217,24 +263,10 @@ async def _run(
     signals: StopSignals,
     metrics: PipelineMetrics,
 ) -> None:
-    async with contextlib.AsyncExitStack() as stack:
-        readiness = Readiness(reports)
-        live_view = LiveView(reports)
-        if config.metrics.port is not None:  # first, so that /healthz answers while the rest starts
-            monitoring = MonitoringServer(config.metrics, metrics.registry, readiness)
-            live_view.add_routes(monitoring.app)
-            await stack.enter_async_context(monitoring)
-        settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
-        annotator = await stack.enter_async_context(build_annotator(config.annotator, metrics.grpc_call))
-        readiness.annotator = annotator
-        publisher = await stack.enter_async_context(Publisher(settings, reports))
-        readiness.kafka = True
-        metrics.watch_publisher(publisher)
-        events = await stack.enter_async_context(events_in_run(settings, config.events))
-        if events is not None:
-            live_view.events = events.recent
+    async with started_stages(config, console, reports, metrics) as stages:
+        settings, annotator, publisher, events = stages.settings, stages.annotator, stages.publisher, stages.events
         runner = Runner(lanes, annotator, publisher, config.frames_in_flight)
-        signals.running(functools.partial(_stop, runner, publisher, settings))
+        signals.running(functools.partial(stop_runner, runner, publisher, settings))
         settle_heap()
         kinds = ", ".join(f"{lane.report.source_id} ({lane.source.policy.value})" for lane in lanes)
         log.info(
@@ -273,7 +305,7 @@ class Readiness:
         }
 
 
-def _stop(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:
+def stop_runner(runner: Runner, publisher: Publisher, settings: KafkaSettings, sig: signal.Signals) -> None:
     log.info(
         "%s: stopping capture; finishing the frames in flight (%d) and the records Kafka has not acknowledged (%d; "
         "re-sent for up to %.0f s, kafka.delivery_timeout_ms); %s again gives up on them",

@@ -23,6 +23,15 @@ Kafka) the broker drops such duplicates.
 Backpressure: at most `max_in_flight_records` records are unsettled at a time;
 `publish()` waits for room, up to `max_block_ms` when set, then raises.
 
+Workers of a group (`pipeline.cluster`) add three things per source. An
+`Ownership` is asked before each batch: while the worker's hold on the source
+is in doubt (its group session may have lapsed) the batch waits, and once the
+source has moved to another worker its records are dropped, counted as moved.
+A `ProgressLog` records the source's last published frame after each batch
+(a replay resumes after it). `claim()` gives a source a transactional producer
+of its own: its batch and its progress then commit together, and the claim
+fences an older worker (a zombie) holding the same transactional id.
+
 Lifetime: `async with Publisher(...)` connects (and creates the topic), and on
 exit flushes and closes. The per-source tasks are the publisher's own: one that
 fails unexpectedly settles its records as lost and makes `publish()` for its
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -43,7 +53,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.frames import AnnotatedFrame
@@ -88,12 +98,44 @@ class DeliveryReport(Protocol):
 
     def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None: ...
 
+    def moved(self, frames: Sequence[AnnotatedFrame]) -> None:
+        """Not published here: their source moved to another worker, which publishes them (replays) or fresher ones."""
+
+
+class Ownership(Protocol):
+    async def holds(self, source_id: str) -> bool:
+        """True when this worker may publish for the source now (after waiting while that is in doubt); False once
+        the source has moved to another worker."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProgressLog:
+    """Where each source's last published frame is recorded (a compacted topic, key = source id)."""
+
+    topic: str
+    worker: str
+
+    def record(self, frame: AnnotatedFrame) -> tuple[bytes, bytes]:
+        """The progress record's key and value after `frame` was published."""
+        info = frame.info
+        value = {
+            "source": info.source_id,
+            "frame": info.index,
+            "position_ms": info.media_position_ms,
+            "capture_time_ms": info.capture_time_ms,
+            "worker": self.worker,
+            "at_ms": round(time.time() * 1000),
+        }
+        return info.source_id.encode(), json.dumps(value, separators=(",", ":")).encode()
+
 
 @dataclass(slots=True)
 class PublishStats:
     published: int = 0  # acknowledged by Kafka
     lost: int = 0  # given up: past the delivery deadline, not retriable, or abandoned
     retried: int = 0  # deliveries attempted again after a failure
+    moved: int = 0  # dropped because their source moved to another worker
 
 
 @dataclass(slots=True)
@@ -112,16 +154,26 @@ class _SourceLine:
     waiting: deque[_Delivery] = field(default_factory=deque)  # not yet handed over
     sending: list[_Delivery] = field(default_factory=list)  # handed over (or to be re-sent), not settled
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing of the line is unsettled
     task: asyncio.Task[None] | None = None
     broken: str | None = None  # why this line's task ended early
+    producer: AIOKafkaProducer | None = None  # the source's own transactional producer, once claimed
 
 
 class Publisher:
     def __init__(
-        self, settings: KafkaSettings, report: DeliveryReport | None = None, *, producer: Producer | None = None
+        self,
+        settings: KafkaSettings,
+        report: DeliveryReport | None = None,
+        *,
+        producer: Producer | None = None,
+        ownership: Ownership | None = None,
+        progress: ProgressLog | None = None,
     ) -> None:
         """`producer`: by default an AIOKafkaProducer from `settings`, whose topic is created if it is missing."""
         self.settings = settings
+        self._ownership = ownership
+        self._progress = progress
         self.stats = PublishStats()
         self._report = report
         self._own_producer = producer is None
@@ -199,6 +251,38 @@ class Publisher:
     def unsettled(self) -> int:
         return self._unsettled
 
+    async def claim(self, source_id: str, transactional_id: str) -> None:
+        """Give the source a transactional producer of its own; starting it fences any older holder of the id.
+
+        Raises `PublishError` when the broker has no transactions."""
+        producer = AIOKafkaProducer(**_producer_options(self.settings), transactional_id=transactional_id)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise PublishError(
+                f"Kafka at {self.settings.bootstrap_servers} refused a transactional producer for {source_id}: {exc!r}"
+            ) from exc
+        self._line(source_id).producer = producer
+
+    async def release(self, source_id: str) -> None:
+        """Wait until the source's records are settled (acknowledged, lost or moved), then forget its line."""
+        line = self._lines.get(source_id)
+        if line is None:
+            return
+        if line.broken is None:
+            await line.idle.wait()
+        line.broken = line.broken or "released"
+        if line.task is not None:
+            line.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await line.task
+        del self._lines[source_id]
+        if line.producer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await line.producer.stop()
+
     async def publish(self, frame: AnnotatedFrame) -> None:
         """Queue the frame's record; wait (bounded) while too many records are unsettled.
 
@@ -210,7 +294,8 @@ class Publisher:
         line = self._line(info.source_id)
         if line.broken is not None:
             raise PublishError(f"cannot publish {info.source_id} frame {info.index}: {line.broken}")
-        record = encode_record(frame, self.settings.value_format)
+        worker = None if self._progress is None else self._progress.worker
+        record = encode_record(frame, self.settings.value_format, worker)
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
         if size > self.settings.max_request_bytes:  # aiokafka would only refuse it later, in the line's task
             raise PublishError(
@@ -220,6 +305,7 @@ class Publisher:
         now = time.monotonic()
         await self._take_slot()
         line.waiting.append(_Delivery(frame, record, now, now + self.settings.delivery_timeout_ms / 1000))
+        line.idle.clear()
         line.wake.set()
 
     async def flush(self) -> None:
@@ -312,11 +398,21 @@ class Publisher:
         attempts = self._resend.start()
         while True:
             if not line.sending:
+                if not line.waiting:
+                    line.idle.set()
                 await line.wake.wait()
             line.wake.clear()
             line.sending.extend(line.waiting)
             line.waiting.clear()
-            outcomes = await self._send_batch(line.sending)
+            if self._ownership is not None and not await self._ownership.holds(source_id):
+                self._drop_moved(source_id, line)
+                return
+            try:
+                outcomes = await self._send_batch(line)
+            except ProducerFenced:
+                log.warning("source %s: another worker claimed it (this one is fenced)", source_id)
+                self._drop_moved(source_id, line)
+                return
             self._settle(source_id, line, outcomes)
             if not line.sending:
                 attempts.succeeded()
@@ -335,14 +431,48 @@ class Publisher:
             )
             await asyncio.sleep(delay)
 
-    async def _send_batch(self, batch: list[_Delivery]) -> list[BaseException | None]:
+    async def _send_batch(self, line: _SourceLine) -> list[BaseException | None]:
+        """Hand the line's batch over in order and wait for all (with its progress record, if kept); per record,
+        its error or None. A claimed source's batch and progress go in one transaction: all or nothing."""
+        batch = line.sending
+        if line.producer is None:
+            outcomes = await self._send_records(self._producer, batch)
+            if self._progress is not None and all(outcome is None for outcome in outcomes):
+                await self._record_progress(self._producer, batch[-1].frame)
+            return outcomes
+        try:
+            async with line.producer.transaction():
+                outcomes = await self._send_records(line.producer, batch)
+                failed = next((outcome for outcome in outcomes if outcome is not None), None)
+                if failed is not None:
+                    raise failed  # aborts the transaction: the whole batch is sent again
+                if self._progress is not None:
+                    await self._record_progress(line.producer, batch[-1].frame)
+        except ProducerFenced:
+            raise
+        except KafkaError as exc:
+            return [exc] * len(batch)
+        return [None] * len(batch)
+
+    async def _record_progress(self, producer: Producer, frame: AnnotatedFrame) -> None:
+        assert self._progress is not None
+        key, value = self._progress.record(frame)
+        try:
+            now_ms = round(time.time() * 1000)
+            await (await producer.send(self._progress.topic, value, key=key, timestamp_ms=now_ms, headers=[]))
+        except KafkaError as exc:  # the next batch records newer progress; a resume repeats at most this batch
+            if isinstance(exc, ProducerFenced):
+                raise
+            log.warning("source %s: progress not recorded: %r", frame.info.source_id, exc)
+
+    async def _send_records(self, producer: Producer, batch: list[_Delivery]) -> list[BaseException | None]:
         """Hand each record over in order and wait for all; per record, its error or None."""
         futures: list[asyncio.Future[Any]] = []
         refused: KafkaError | None = None
         for delivery in batch:
             record = delivery.record
             try:
-                future = await self._producer.send(
+                future = await producer.send(
                     self.settings.topic,
                     record.value,
                     key=record.key,
@@ -362,6 +492,19 @@ class Publisher:
         # makes them wait their turn behind it, not count as lost
         held_back = KafkaTimeoutError("held back behind a record the producer refused")
         return [*errors, refused] + [held_back] * (len(batch) - len(futures) - 1)
+
+    def _drop_moved(self, source_id: str, line: _SourceLine) -> None:
+        """The source moved to another worker: its unsettled records are that worker's to publish now."""
+        line.broken = f"source {source_id} moved to another worker"
+        dropped = [*line.sending, *line.waiting]
+        line.sending, line.waiting = [], deque()
+        self.stats.moved += len(dropped)
+        self._free_slots(len(dropped))
+        if dropped:
+            log.info("source %s moved to another worker: %d records not published here", source_id, len(dropped))
+        if self._report is not None:
+            self._report.moved([delivery.frame for delivery in dropped])
+        line.idle.set()
 
     def _settle(self, source_id: str, line: _SourceLine, outcomes: list[BaseException | None]) -> None:
         """Count the outcome of one batch; keep in `line.sending` what is to be sent again."""
@@ -403,13 +546,14 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
+def _producer_options(settings: KafkaSettings) -> dict[str, Any]:
+    return client_options(settings) | {
+        "linger_ms": settings.linger_ms,
+        "max_batch_size": settings.max_batch_bytes,
+        "max_request_size": settings.max_request_bytes,
+        "compression_type": settings.compression,
+    }
+
+
 def _kafka_producer(settings: KafkaSettings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(
-        **client_options(settings),
-        acks=settings.acks,
-        linger_ms=settings.linger_ms,
-        max_batch_size=settings.max_batch_bytes,
-        max_request_size=settings.max_request_bytes,
-        compression_type=settings.compression,
-        enable_idempotence=settings.idempotent,
-    )
+    return AIOKafkaProducer(**_producer_options(settings), acks=settings.acks, enable_idempotence=settings.idempotent)

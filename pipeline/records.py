@@ -7,7 +7,8 @@ One record per annotated frame:
                API reference's field names (`request_id`, `classifier_specification`) and enum names
     timestamp  the frame's capture time, ms since the epoch
     headers    UTF-8 strings: source_id, frame_index, media_position_ms (files, PyAV cameras),
-               file_name (image folders only), capture_time_ms, content_type, image_width, image_height
+               file_name (image folders only), capture_time_ms, content_type, image_width, image_height,
+               worker (the worker of a group that published it, `framelabel run --group`)
 
 A Python consumer needs three lines:
 
@@ -44,6 +45,7 @@ CONTENT_TYPE = "content_type"
 IMAGE_WIDTH = "image_width"
 IMAGE_HEIGHT = "image_height"
 FILE_NAME = "file_name"
+WORKER = "worker"
 
 
 class RecordFormatError(FramelabelError, ValueError):
@@ -72,9 +74,10 @@ class DecodedRecord:
     content_type: str
     response: AnnotationResponse
     file_name: str | None = None  # image folders: the image's path
+    worker: str | None = None  # the group's worker that published it
 
 
-def encode_record(frame: AnnotatedFrame, value_format: ValueFormat) -> KafkaRecord:
+def encode_record(frame: AnnotatedFrame, value_format: ValueFormat, worker: str | None = None) -> KafkaRecord:
     info = frame.info
     if value_format == "json":
         value = json_format.MessageToJson(
@@ -94,6 +97,8 @@ def encode_record(frame: AnnotatedFrame, value_format: ValueFormat) -> KafkaReco
         headers[MEDIA_POSITION_MS] = f"{info.media_position_ms:.3f}"
     if info.file_name is not None:
         headers[FILE_NAME] = info.file_name
+    if worker is not None:
+        headers[WORKER] = worker
     return KafkaRecord(
         key=info.source_id.encode(),
         value=value,
@@ -139,6 +144,7 @@ def decode_record(
         content_type=content_type,
         response=_parse_response(value, content_type),
         file_name=texts.get(FILE_NAME),
+        worker=texts.get(WORKER),
     )
 
 
@@ -154,6 +160,7 @@ def record_json(record: DecodedRecord) -> dict[str, Any]:
         "image_height": record.image_height,
         "content_type": record.content_type,
         "file_name": record.file_name,
+        "worker": record.worker,
         "response": json_format.MessageToDict(record.response, preserving_proto_field_name=True),
     }
 

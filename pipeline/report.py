@@ -71,6 +71,7 @@ class SourceReport:
     failed: int = 0  # could not be encoded or annotated (a bad image, an annotator error)
     unavailable: int = 0  # LIVE: skipped while the annotator was unavailable (the next frame is fresher)
     lost: int = 0  # annotated, but Kafka never acknowledged the record
+    moved: int = 0  # annotated, not published here: the source moved to another worker of the group
     error: str | None = None  # why the source stopped early, if it did
     ended: bool = False  # its lane is over
     # the last frames Kafka acknowledged, newest last: a page showing one frame's labels then fetches
@@ -206,18 +207,27 @@ class RunReports:
     """Every source's report, updated as Kafka acknowledges records (a publisher's `DeliveryReport`)."""
 
     def __init__(self, sources: list[Source], observer: Observer | None = None) -> None:
-        observer = observer or _Unobserved()
-        self.by_source = {
-            source.source_id: SourceReport(source.source_id, source.stats, source.policy, observer)
-            for source in sources
-        }
+        self._observer = observer or _Unobserved()
+        self.by_source: dict[str, SourceReport] = {}
+        for source in sources:
+            self.add(source)
         self.started = False  # the stages are up and the sources capturing
         self.first_captured_at: float | None = None  # time.monotonic() of the earliest frame published
         self.last_published_at: float | None = None
 
+    def add(self, source: Source) -> SourceReport:
+        """A new report for a source that starts now (a worker's new source; one that came back starts afresh)."""
+        report = SourceReport(source.source_id, source.stats, source.policy, self._observer)
+        self.by_source[source.source_id] = report
+        return report
+
     def lost(self, frames: Sequence[AnnotatedFrame], reason: str) -> None:
         for frame in frames:
             self.by_source[frame.info.source_id].lost += 1
+
+    def moved(self, frames: Sequence[AnnotatedFrame]) -> None:
+        for frame in frames:
+            self.by_source[frame.info.source_id].moved += 1
 
     def published(self, frame: AnnotatedFrame, acked_in_s: float) -> None:
         report = self.by_source[frame.info.source_id]

@@ -7,6 +7,10 @@ capture order, so one source's records reach Kafka in frame order. A full lane
 makes the capture loop wait: replay sources then slow down (lossless), live
 sources drop stale frames at the camera (freshest).
 
+A worker adds and stops lanes while the runner runs (`start_lane`, `stop_lane`):
+stopping one closes its source and lets its frames in flight finish, as a stop
+signal does for all of them.
+
 A lane ends when its source does, or with an error that names the source and
 the frame: the source failed, a record could not be published, the annotator
 stayed unavailable for a replay frame, or an internal error. Its report says
@@ -19,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.annotators import Annotator
 from pipeline.encoder import EncoderSettings, encode
@@ -51,6 +56,7 @@ class Lane:
     sampling: SamplingSettings
     encoding: EncoderSettings
     report: SourceReport
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set: capture no more, finish what is in flight
 
 
 class Runner:
@@ -61,35 +67,74 @@ class Runner:
         publisher: Publisher,
         frames_in_flight: int = 4,
         encode_threads: int = 2,
+        on_end: Callable[[Lane], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_end`: awaited when a lane has ended (its frames handed to the publisher, or its error set)."""
         self.lanes = lanes
+        self._on_end = on_end
         self._annotator = annotator
         self._publisher = publisher
         self._frames_in_flight = frames_in_flight
         self._encode_threads = encode_threads
         self._stopping = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._encode_pool: ThreadPoolExecutor | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def stop(self) -> None:
         """Stop capturing; frames already captured are still annotated and published."""
         self._stopping.set()
+        for lane in self.lanes:
+            lane.stopping.set()
+
+    def start_lane(self, lane: Lane) -> None:
+        """Run one more lane, beside the others (before `run()`, it starts with the others)."""
+        self.lanes.append(lane)
+        if self._group is None or self._encode_pool is None:
+            return
+        self._launch(lane, self._group, self._encode_pool)
+
+    def _launch(self, lane: Lane, group: asyncio.TaskGroup, encode_pool: ThreadPoolExecutor) -> None:
+        if self._stopping.is_set():
+            lane.stopping.set()
+        name = f"lane-{lane.report.source_id}"
+        self._tasks[lane.report.source_id] = group.create_task(self._run_lane(lane, encode_pool), name=name)
+
+    async def stop_lane(self, source_id: str) -> None:
+        """Stop capturing one source and wait until its frames in flight are handed to the publisher."""
+        lane = next(lane for lane in self.lanes if lane.report.source_id == source_id)
+        lane.stopping.set()
+        task = self._tasks.pop(source_id, None)
+        if task is not None:
+            await asyncio.wait([task])
+        self.lanes.remove(lane)
 
     @property
     def frames_in_flight(self) -> int:
         """Frames captured and sampled but not yet handed to the publisher."""
         return sum(lane.report.sampled - lane.report.handed_over for lane in self.lanes)
 
-    async def run(self) -> None:
-        """Until every lane has ended: replays at their end, cameras when stopped, any lane on its error."""
+    async def run(self, until_stopped: bool = False) -> None:
+        """Until every lane has ended: replays at their end, cameras when stopped, any lane on its error.
+
+        `until_stopped`: until `stop()` and the end of every lane, however many lanes come and go."""
         with ThreadPoolExecutor(self._encode_threads, thread_name_prefix="encode") as encode_pool:
-            async with asyncio.TaskGroup() as lanes:
-                for lane in self.lanes:
-                    lanes.create_task(self._run_lane(lane, encode_pool), name=f"lane-{lane.report.source_id}")
+            async with asyncio.TaskGroup() as group:
+                self._group, self._encode_pool = group, encode_pool
+                try:
+                    for lane in self.lanes:
+                        self._launch(lane, group, encode_pool)
+                    if until_stopped:
+                        await self._stopping.wait()
+                finally:
+                    self._group = None
+        self._tasks.clear()
 
     async def _run_lane(self, lane: Lane, encode_pool: ThreadPoolExecutor) -> None:
         source_id = lane.report.source_id
         try:
             async with lane.source, asyncio.TaskGroup() as stages:
-                closer = stages.create_task(self._close_on_stop(lane.source), name=f"close-{source_id}")
+                closer = stages.create_task(self._close_on_stop(lane), name=f"close-{source_id}")
                 in_order: FrameQueue = asyncio.Queue(self._frames_in_flight)
                 stages.create_task(self._publish_in_order(lane, in_order), name=f"publish-{source_id}")
                 await self._capture(lane, in_order, stages, encode_pool)
@@ -105,10 +150,12 @@ class Runner:
             log.error("%s", lane.report.error, exc_info=failures.exceptions[0])
         finally:
             lane.report.ended = True
+        if self._on_end is not None:
+            await self._on_end(lane)
 
-    async def _close_on_stop(self, source: Source) -> None:
-        await self._stopping.wait()
-        await source.close()  # ends its frames(): the capture loop finishes, the frames in flight go on
+    async def _close_on_stop(self, lane: Lane) -> None:
+        await lane.stopping.wait()
+        await lane.source.close()  # ends its frames(): the capture loop finishes, the frames in flight go on
 
     async def _capture(
         self, lane: Lane, in_order: FrameQueue, stages: asyncio.TaskGroup, encode_pool: ThreadPoolExecutor
@@ -154,7 +201,7 @@ class Runner:
         live = lane.source.policy is DeliveryPolicy.LIVE
         try:
             # a live frame is not worth waiting for: the next one is fresher
-            response = await self._annotator.annotate(encoded.request, patient=not (live or self._stopping.is_set()))
+            response = await self._annotator.annotate(encoded.request, patient=not (live or lane.stopping.is_set()))
         except InvalidImageError as exc:
             report.failed += 1
             log.warning("source %s frame %d: INVALID_ARGUMENT: %s", report.source_id, index, exc)

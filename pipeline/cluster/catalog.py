@@ -21,11 +21,6 @@ from pipeline.kafka import KafkaConnection, KafkaSettings, ensure_topic, read_la
 from services.config import format_validation_error
 from services.errors import ConfigError
 
-SOURCES_TOPIC = "framelabel.sources"
-STATUS_TOPIC = "framelabel.status"
-PROGRESS_TOPIC = "framelabel.progress"
-SOURCES_PARTITIONS = 12  # the most workers a group can spread its sources over; partitions cannot be added later
-
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:

@@ -41,6 +41,9 @@ class SourceSettings(StrictModel):
     loop: bool = False  # files: start again at the end
     start_ms: Annotated[float, Field(ge=0)] = 0.0  # files: start offset
     end_ms: Annotated[float, Field(gt=0)] | None = None  # files: end offset (exclusive)
+    # files: only the frames after this media position, numbered as in a whole replay (a worker resuming a
+    # replay after its last published frame): the file is demuxed from its start, not seeked, to count them
+    resume_after_ms: Annotated[float, Field(ge=0)] | None = None
     queue_size: Annotated[int, Field(ge=1)] = 8  # REPLAY read-ahead bound (backpressure beyond it)
     open_timeout_ms: Annotated[int, Field(gt=0)] = 5000  # cameras: CAP_PROP_OPEN_TIMEOUT_MSEC
     read_timeout_ms: Annotated[int, Field(gt=0)] = 5000  # cameras: CAP_PROP_READ_TIMEOUT_MSEC

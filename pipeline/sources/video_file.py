@@ -8,7 +8,10 @@ frame carries its position in the file (`media_position_ms`) and
 
 A sampled replay decodes with PyAV only the frames its sampling keeps (see
 `_pyav`), seeking to the keyframe before `start_ms`; one that keeps every
-frame decodes with OpenCV. Either way the same frames are published.
+frame decodes with OpenCV. Either way the same frames are published. A replay
+resumed after a frame (`resume_after_ms`) reads with PyAV from the file's
+start without decoding what comes before, so that its frames keep the numbers
+a whole replay gives them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from pipeline.sources._types import SourceError, SourceSettings
 
 log = logging.getLogger("framelabel.sources")
 
+# OpenCV and PyAV compute a frame's position with different rounding (1400.0000000000002 against 1400.0): a
+# resume after a position skips what lies within this of it, far less than any frame's duration
+POSITION_NOISE_MS = 0.01
+
 
 class VideoFileSource(ThreadedSource):
     policy = DeliveryPolicy.REPLAY
@@ -39,7 +46,8 @@ class VideoFileSource(ThreadedSource):
     def __init__(self, source_id: str, path: str, settings: SourceSettings, sampling: SamplingSettings) -> None:
         super().__init__(source_id, settings, sampling)
         self.path = path
-        self._pyav = uses_pyav(settings, sampling)
+        self._resuming = settings.resume_after_ms is not None and not settings.loop
+        self._pyav = self._resuming or uses_pyav(settings, sampling)
         self._numbered = 0  # frames gone through (decoded or not), over the passes: PyAV's indexes go on from it
 
     @functools.cached_property
@@ -71,7 +79,7 @@ class VideoFileSource(ThreadedSource):
             if not self.settings.loop:
                 self._check_complete(self._numbered - numbered_before)
                 break
-        if self.stats.read == 0:
+        if self.stats.read == 0 and not self._resuming:  # a resumed replay may have been at its end
             raise SourceError(f"video file {self.path}: no decodable video frames{self._range_text()}")
         handoff.end()
 
@@ -125,9 +133,9 @@ class VideoFileSource(ThreadedSource):
         self._check_file()
         name = f"video file {self.path}"
         container, stream = open_video(self.path, name, {}, None, self.settings.decode_threads)
-        decoder = SparseDecoder(stream, self.sampling, self.stats, self.settings.start_ms, self._numbered)
+        decoder = SparseDecoder(stream, self.sampling, self.stats, self._first_ms, self._numbered)
         try:
-            if self.settings.start_ms > 0 and stream.time_base:  # to the keyframe at or before start_ms
+            if self.settings.start_ms > 0 and not self._resuming and stream.time_base:  # to the keyframe before it
                 offset = int(self.settings.start_ms / 1000 / stream.time_base) + (stream.start_time or 0)
                 container.seek(offset, stream=stream, backward=True)
             for packet in container.demux(stream):
@@ -145,8 +153,8 @@ class VideoFileSource(ThreadedSource):
         self.stats.last_error = str(exc)
 
     def _replay_pass(self, frames: Iterator[DecodedFrame], handoff: FrameHandoff) -> int:
-        """Deliver the frames in [start_ms, end_ms) once; returns how many."""
-        start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
+        """Deliver the frames in [start_ms, end_ms) once (after `resume_after_ms`); returns how many."""
+        start_ms, end_ms = self._first_ms, self.settings.end_ms
         pace = _Pace() if self.settings.realtime else None
         delivered = 0
         for frame in frames:
@@ -171,7 +179,7 @@ class VideoFileSource(ThreadedSource):
             return None
         if self._whole_file:
             return int(count)
-        start_ms, end_ms = self.settings.start_ms, self.settings.end_ms
+        start_ms, end_ms = self._first_ms, self.settings.end_ms
         if fps <= 0:
             return None
         first = math.ceil(start_ms * fps / 1000)
@@ -187,8 +195,16 @@ class VideoFileSource(ThreadedSource):
             self.stats.last_error = message
 
     @property
+    def _first_ms(self) -> float:
+        """The position of the first frame to deliver, at the earliest."""
+        after_ms = self.settings.resume_after_ms
+        if after_ms is None or not self._resuming:
+            return self.settings.start_ms
+        return max(self.settings.start_ms, after_ms + POSITION_NOISE_MS)
+
+    @property
     def _whole_file(self) -> bool:
-        return self.settings.start_ms == 0 and self.settings.end_ms is None
+        return self._first_ms == 0 and self.settings.end_ms is None
 
     def _range_text(self) -> str:
         if self._whole_file:
