@@ -17,8 +17,6 @@ from rich.console import Console
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.cluster.catalog import (
-    SOURCES_TOPIC,
-    STATUS_TOPIC,
     Catalog,
     CatalogEntry,
     decode_source,
@@ -28,6 +26,7 @@ from pipeline.cluster.catalog import (
     read_sources,
 )
 from pipeline.cluster.command import catalog_view, status_view
+from pipeline.cluster.settings import SOURCES_TOPIC, STATUS_TOPIC
 from pipeline.cluster.status import SourceStatus, StatusPublisher, WorkerStatus, read_status
 from pipeline.config import SourceConfig, load_sources
 from services.errors import ConfigError
