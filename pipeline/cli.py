@@ -194,9 +194,14 @@ def _stdout_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+def _bootstrap(args: argparse.Namespace) -> str | None:
+    """`--bootstrap`; else the `--config`'s address; without a config, the address of `framelabel broker`."""
+    return args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP)
+
+
 def _cluster_connection(args: argparse.Namespace) -> KafkaConnection:
     """The cluster the catalog and status topics live on: `--config`'s `kafka:` section, `--bootstrap` on top."""
-    flags = {"bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP)}
+    flags = {"bootstrap": _bootstrap(args)}
     connection = load_kafka_settings(args.config, flags)
     if connection.bootstrap_servers == EMBEDDED:
         raise ConfigError("the sources and status topics need a Kafka address (--bootstrap), not a run's embedded one")
@@ -251,8 +256,7 @@ async def _consume(args: argparse.Namespace) -> int:
     from pipeline.events.record import event_json
     from pipeline.records import DecodedRecord, record_json
 
-    # without a config, the address of `framelabel broker`
-    flags = {"bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP), "topic": args.topic}
+    flags = {"bootstrap": _bootstrap(args), "topic": args.topic}
     items = consume(
         load_kafka_settings(args.config, flags),
         from_beginning=args.from_beginning,
@@ -288,7 +292,7 @@ def _events(args: argparse.Namespace) -> int:
     from pipeline.events.command import load_events_config, run_events
 
     flags = {
-        "bootstrap": args.bootstrap or (None if args.config else DEFAULT_CONSUME_BOOTSTRAP),
+        "bootstrap": _bootstrap(args),
         "input_topic": args.input_topic,
         "topic": args.topic,
         "group": args.group,

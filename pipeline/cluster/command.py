@@ -56,8 +56,12 @@ def catalog_lines(catalog: Catalog) -> list[str]:
     """`sources list --json`: one JSON object per source, then one per record that is not a source."""
     lines = [
         json.dumps(
-            {"id": source_id, "uri": mask_credentials(entry.config.uri), "partition": entry.partition}
-            | {"settings": settings_of(entry.config)},
+            {
+                "id": source_id,
+                "uri": mask_credentials(entry.config.uri),
+                "partition": entry.partition,
+                "settings": settings_of(entry.config),
+            },
             ensure_ascii=False,
         )
         for source_id, entry in catalog.sources.items()
@@ -71,7 +75,7 @@ def catalog_view(catalog: Catalog, topic: str, width: int) -> RenderableType:
         (source_id, mask_credentials(entry.config.uri), _settings_text(entry.config), str(entry.partition))
         for source_id, entry in catalog.sources.items()
     ]
-    parts: list[RenderableType] = [Text(f"{topic}: {len(rows)} sources" if rows else f"{topic}: no sources")]
+    parts: list[RenderableType] = [Text(f"{topic}: {_sources(len(rows))}")]
     if rows and width >= WIDE:
         table = Table()
         for column in ("id", "uri", "settings", "partition"):
@@ -83,7 +87,7 @@ def catalog_view(catalog: Catalog, topic: str, width: int) -> RenderableType:
         parts += [Text(f"{source_id}  (partition {partition})", style="bold"), Text(f"  {uri}", overflow="fold")]
         parts += [Text(f"  {settings}")] if settings else []
     if catalog.invalid:
-        parts.append(Text(f"{len(catalog.invalid)} records are not sources (`sources remove KEY` drops one):"))
+        parts.append(Text("records that are not sources (`framelabel sources remove KEY` drops one):"))
         parts += [Text(f"  {key}: {why}", overflow="fold") for key, why in catalog.invalid.items()]
     return Group(*parts)
 
@@ -146,7 +150,7 @@ def status_view(workers: Sequence[WorkerStatus], catalog: Catalog, width: int) -
             parts.append(
                 Text(
                     f"{worker.worker}  group {worker.group}  {worker.health(now_ms)}, "
-                    f"seen {_ago(now_ms - worker.at_ms)}, {len(worker.sources)} sources",
+                    f"seen {_ago(now_ms - worker.at_ms)}, {_sources(len(worker.sources))}",
                     style="bold",
                 )
             )
@@ -174,6 +178,10 @@ def _source_cells(source: SourceStatus | None) -> tuple[str, str, str, str, str,
         return ("(none)", "", "", "", "", "")
     last = "-" if source.last_frame is None else str(source.last_frame)
     return (source.id, source.state, f"{source.fps:.1f}", str(source.published), str(source.dropped), last)
+
+
+def _sources(count: int) -> str:
+    return {0: "no sources", 1: "1 source"}.get(count, f"{count} sources")
 
 
 def _ago(ms: int) -> str:

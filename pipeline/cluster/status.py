@@ -7,7 +7,6 @@ it ends. A reader tells a live worker from a silent one by the age of its last h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -38,9 +37,9 @@ class SourceStatus(BaseModel):
     published: int
     dropped: int
     failed: int
-    last_frame: int | None  # index of the last frame published
-    latency_ms: float | None  # capture → published, median of the recent frames
-    error: str | None
+    last_frame: int | None = None  # index of the last frame published
+    latency_ms: float | None = None  # capture → published, median of the recent frames
+    error: str | None = None  # the last one, as the run's log says it
 
 
 class WorkerStatus(BaseModel):
@@ -91,39 +90,51 @@ class StatusPublisher:
         self._producer = await started_producer(
             self._connection, acks="all", enable_idempotence=False, request_timeout_ms=expires_ms
         )
+        try:
+            await self._send(self._snapshot())  # started: the worker shows in `framelabel status`
+        except BaseException:
+            await self._producer.stop()
+            raise
         self._beats = asyncio.create_task(self._beat(), name=f"status heartbeats to {self._topic}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._beats is not None:
-            self._beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._beats
-        if self._producer is not None:
-            try:
-                await self._send(self._snapshot().model_copy(update={"stopped": True}))
-            finally:
-                await self._producer.stop()
+        producer, beats = self._producer, self._beats
+        if producer is None or beats is None:
+            return
+        try:
+            beats.cancel()
+            await asyncio.wait([beats])
+            if not beats.cancelled() and (error := beats.exception()) is not None:
+                raise error  # what ended the heartbeats early: a snapshot that failed
+            await self._send(self._snapshot().model_copy(update={"stopped": True}))
+        finally:
+            await producer.stop()
 
     async def _beat(self) -> None:
         while True:
-            await self._send(self._snapshot())
             await asyncio.sleep(self._interval_s)
+            await self._send(self._snapshot())
 
     async def _send(self, status: WorkerStatus) -> None:
         if self._producer is None:
             raise RuntimeError("StatusPublisher used outside `async with`")
         at_ms = int(time.time() * 1000)
         status = status.model_copy(update={"at_ms": at_ms, "interval_s": self._interval_s})
+        timeout_s = SILENT_AFTER_INTERVALS * self._interval_s
         try:
-            async with asyncio.timeout(SILENT_AFTER_INTERVALS * self._interval_s):
+            async with asyncio.timeout(timeout_s):
                 await self._producer.send_and_wait(
                     self._topic, status.model_dump_json().encode(), key=status.worker.encode(), timestamp_ms=at_ms
                 )
         except (KafkaError, TimeoutError) as exc:
             if not self._failing:  # once per outage, not every interval
+                reason = f"no acknowledgement in {timeout_s:g} s" if isinstance(exc, TimeoutError) else repr(exc)
                 log.warning(
-                    "status: heartbeat to %s not sent (%r); trying again every %g s", self._topic, exc, self._interval_s
+                    "status: heartbeat to %s not sent (%s); trying again every %g s",
+                    self._topic,
+                    reason,
+                    self._interval_s,
                 )
             self._failing = True
             return
