@@ -31,8 +31,8 @@ EMBEDDED = "embedded"  # not an address: the run starts a Tansu broker of its ow
 DEFAULT_TOPIC = "framelabel.annotations"
 CLIENT_ID = "framelabel"
 
-# A compacted topic is read to its end: its end offset, and quiet for READ_QUIET_S (Tansu's end offsets
-# fall one short); an end offset not reached after READ_GIVE_UP_S of quiet is taken to be wrong.
+# A compacted topic is read to its end: its end offsets, then READ_QUIET_S more (Tansu's end offsets fall one
+# short) or until quiet; an end offset not reached after READ_GIVE_UP_S of quiet is taken to be wrong.
 READ_QUIET_S = 0.3
 READ_GIVE_UP_S = 3.0
 READ_POLL_MS = 200
@@ -213,16 +213,23 @@ async def read_latest(
         ends = await reader.end_offsets(assigned)
         latest: dict[str, Latest] = {}
         quiet_since = time.monotonic()
-        while (quiet := time.monotonic() - quiet_since) < READ_QUIET_S or (
-            quiet < READ_GIVE_UP_S and not await _reached(reader, ends)
-        ):
+        reached_at: float | None = None  # when the end offsets were reached (Tansu's may fall one short)
+        while True:
             fetched = await reader.getmany(timeout_ms=READ_POLL_MS)
             for partition, records in fetched.items():
                 for record in records:
                     if record.key is not None:
                         latest[record.key.decode()] = Latest(partition.partition, record.value, record.timestamp)
+            now = time.monotonic()
             if fetched:
-                quiet_since = time.monotonic()
+                quiet_since = now
+            if reached_at is None and await _reached(reader, ends):
+                reached_at = now
+            # past the end: a little more for a short end offset, but not on and on while others keep writing
+            if reached_at is not None and now - reached_at >= READ_QUIET_S:
+                break
+            if reached_at is None and now - quiet_since >= READ_GIVE_UP_S:
+                break
         return latest
     except KafkaError as exc:
         raise unreachable(connection, exc) from exc

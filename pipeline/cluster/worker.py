@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -46,7 +46,7 @@ from pipeline.publisher import ProgressLog, Publisher, PublishError
 from pipeline.report import RunReports, summary
 from pipeline.runner import Lane, Runner
 from pipeline.sources import open_source
-from services.errors import ConfigError
+from services.errors import ConfigError, FramelabelError
 
 log = logging.getLogger("framelabel.cluster")
 
@@ -66,7 +66,7 @@ class Worker:
         self.running: dict[str, SourceConfig] = {}  # what runs here, as configured when it started
         self._partitions: set[int] = set()
         self._transactional = False
-        self._lock = asyncio.Lock()  # one change of the running sources at a time
+        self._changed = asyncio.Event()  # the catalog or the assignment changed: `keep_reconciled` acts on it
         self._runner: Runner | None = None
         self._publisher: Publisher | None = None
         self._membership: Membership | None = None
@@ -91,7 +91,16 @@ class Worker:
         self._partitions = partitions
         self._forget_lost()  # before any await: see Membership
         log.info("group %s: this worker holds partitions %s", self._group.name, sorted(partitions) or "none")
-        await self.reconcile()
+        # not awaited here: aiokafka heartbeats only once this callback returns, and starting sources (reading
+        # the progress topic, fencing) may outlast the session, which would cost the membership just granted
+        self._changed.set()
+
+    async def keep_reconciled(self) -> None:
+        """Apply each change of the catalog or the assignment, one at a time."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self.reconcile()
 
     def _wanted(self) -> dict[str, SourceConfig]:
         return {
@@ -111,19 +120,20 @@ class Worker:
         """Stop what is no longer ours (or changed), start what is ours and not running."""
         if self._runner is None or self._publisher is None:
             return
-        async with self._lock:
-            self._forget_lost()
-            for lane in list(self._runner.lanes):
-                if lane.report.source_id not in self.running:
-                    await self._stop(lane.report.source_id)
-            starting = [config for source_id, config in self._wanted().items() if source_id not in self.running]
-            if not starting:
-                return
-            replays = [config for config in starting if self._is_replay(config)]
-            if self._transactional:  # fences the workers that ran them before, before their progress is read
-                await asyncio.gather(*(self._claim(config.id) for config in replays))
-            progress = await self._progress() if replays else {}
-            for config in starting:
+        self._forget_lost()
+        for lane in list(self._runner.lanes):
+            if lane.report.source_id not in self.running:
+                await self._stop(lane.report.source_id)
+        starting = [config for source_id, config in self._wanted().items() if source_id not in self.running]
+        if not starting:
+            return
+        replays = [config for config in starting if self._is_replay(config)]
+        if self._transactional:  # fences the workers that ran them before, before their progress is read
+            await asyncio.gather(*(self._claim(config.id) for config in replays))
+        progress = await self._progress() if replays else {}
+        still_ours = self._wanted()  # a rebalance may have come while the progress was read
+        for config in starting:
+            if still_ours.get(config.id) == config:
                 self._start(config, progress.get(config.id))
 
     @staticmethod
@@ -240,7 +250,7 @@ class Worker:
                     for record in records:
                         changed |= self._apply(partition.partition, record.key, record.value)
                 if changed:
-                    await self.reconcile()
+                    self._changed.set()
         except KafkaError as exc:
             raise unreachable(connection, exc) from exc
         finally:
@@ -273,7 +283,10 @@ class Worker:
         self._transactional = await self._has_transactions(publisher)
         delivery = "exactly once (Kafka transactions)" if self._transactional else "at least once"
         log.info("worker %s of group %s: replays published %s", self.id, self._group.name, delivery)
-        watcher = asyncio.create_task(self.watch_catalog(connection), name="framelabel-catalog")
+        tasks = [
+            asyncio.create_task(self._ending_on_error(self.watch_catalog(connection)), name="framelabel-catalog"),
+            asyncio.create_task(self._ending_on_error(self.keep_reconciled()), name="framelabel-reconcile"),
+        ]
         membership = Membership(
             connection,
             self._group.sources_topic,
@@ -290,8 +303,18 @@ class Worker:
                 self._membership = membership
                 yield
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _ending_on_error(self, work: Coroutine[Any, Any, None]) -> None:
+        """The worker cannot go on without it: a failure stops the worker, with the error logged."""
+        try:
+            await work
+        except FramelabelError as exc:
+            log.error("worker %s: %s; stopping", self.id, exc)
+            self._serving()[0].stop()
+            raise
 
     async def _has_transactions(self, publisher: Publisher) -> bool:
         if self._group.delivery == "at-least-once":
