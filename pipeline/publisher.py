@@ -278,10 +278,7 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await line.task
         del self._lines[source_id]
-        if line.producer is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await line.producer.stop()
+        await _stop_own_producer(line)
 
     async def publish(self, frame: AnnotatedFrame) -> None:
         """Queue the frame's record; wait (bounded) while too many records are unsettled.
@@ -340,6 +337,8 @@ class Publisher:
     async def _close(self) -> None:
         self._state = "stopped"
         await self._cancel_lines()
+        for line in self._lines.values():
+            await _stop_own_producer(line)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):  # aiokafka's stop() waits for batches still queued
                 await self._producer.stop()
@@ -538,6 +537,14 @@ class Publisher:
         log.error("%d records of %s lost (%s): %s", len(deliveries), source_id, frames, reason)
         if self._report is not None:
             self._report.lost([delivery.frame for delivery in deliveries], reason)
+
+
+async def _stop_own_producer(line: _SourceLine) -> None:
+    producer, line.producer = line.producer, None
+    if producer is not None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await producer.stop()
 
 
 def _retryable(exc: BaseException) -> bool:

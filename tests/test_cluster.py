@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import subprocess
 import time
@@ -13,17 +14,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 
-from pipeline.cluster.catalog import put_sources, remove_sources
+from pipeline.cluster.catalog import ensure_compacted_topic, put_sources, remove_sources
 from pipeline.cluster.settings import SOURCES_PARTITIONS
 from pipeline.cluster.status import WorkerStatus, read_status
 from pipeline.config import SourceConfig
 from pipeline.kafka import KafkaConnection
-from pipeline.records import DecodedRecord
+from pipeline.records import DecodedRecord, decode_record
 from tests.cameras import CLIPS, rtsp_camera
-from tests.faults import PipelineRun, delivery_figures, framelabel_process
-from tests.kafka import kafka_broker, read_topic
+from tests.faults import PipelineRun, delivery_figures, eventually, framelabel_process, noida_broker
+from tests.kafka import QUIET_S, kafka_broker, read_topic
 
 SESSION_S = 6.0  # the workers' default session timeout
 EVERY_NTH = 5
@@ -200,3 +202,55 @@ async def test_three_workers_share_six_sources_and_one_killed_hands_its_sources_
         duplicates += delivered.duplicates
     assert len(records[ids[5]]) > 0  # the camera was annotated, on one worker or another
     figures["workers: replay frames published twice after a SIGKILL (at least once, Tansu)"] = duplicates
+
+
+async def read_committed(address: str, topic: str) -> list[DecodedRecord]:
+    """Every committed record of the topic, as a `read_committed` consumer downstream sees them."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=address, auto_offset_reset="earliest", isolation_level="read_committed"
+    )
+    await consumer.start()
+    records: list[DecodedRecord] = []
+    try:
+        while fetched := await consumer.getmany(timeout_ms=int(QUIET_S * 1000)):
+            for batch in fetched.values():
+                records += [decode_record(r.key, r.value, r.headers, r.timestamp) for r in batch]
+    finally:
+        await consumer.stop()
+    return records
+
+
+@pytest.mark.timeout(300)
+async def test_a_replay_killed_five_times_is_published_exactly_once_on_a_broker_with_transactions(
+    tmp_path: Path, long_clip: Path, figures: dict[str, object]
+) -> None:
+    """noida-db has transactions (its consumer groups do not settle after a member dies: a sole worker)."""
+    with noida_broker(tmp_path / "noida") as broker:
+        config = worker_config(tmp_path, broker.address, sole_worker=True, delivery="exactly-once")
+        connection = KafkaConnection(bootstrap_servers=broker.address)
+        await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
+        await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
+        kills = random.Random()
+        published_at_kills = []
+        for _ in range(5):
+            with framelabel_process("run", str(config)) as worker:
+                await wait_for_log(worker, "source clip: started")
+                await asyncio.sleep(kills.uniform(0.5, 3.0))  # a random point of the replay, not a synchronisation
+                worker.process.kill()
+                worker.finish()
+            published_at_kills.append(len(await read_committed(broker.address, "frames")))
+        with framelabel_process("run", str(config)) as worker:
+            await wait_for_log(worker, "source clip: replay ended", within_s=60)
+            assert worker.finish(signal.SIGTERM) == 0, worker.log()
+        records = await read_committed(broker.address, "frames")
+    assert [r.frame_index for r in records] == EXPECTED  # every frame once, in order
+    assert any(0 < published < len(EXPECTED) for published in published_at_kills), published_at_kills  # mid-replay
+    figures["workers, exactly once: committed records after each of 5 SIGKILLs"] = published_at_kills
+
+
+async def wait_for_log(run: PipelineRun, text: str, within_s: float = 60.0) -> None:
+    try:
+        await eventually(lambda: text in run.log() or run.process.poll() is not None, repr(text), within_s)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; the log:\n{run.log()[-6000:]}") from None
+    assert text in run.log(), run.log()[-6000:]

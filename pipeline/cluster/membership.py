@@ -116,6 +116,42 @@ def _held(user_data: bytes | None) -> set[int]:
         return set()  # a member of another version: it holds nothing we can keep
 
 
+class SoleMember:
+    """Every partition of the sources topic, without joining the group: one worker runs every source.
+
+    For brokers whose consumer groups do not settle after a member dies (noida-db): a restarted worker goes
+    on at once. A second sole worker would fence the first replay by replay through the transactional ids,
+    so run one at a time."""
+
+    def __init__(self, connection: KafkaConnection, topic: str, on_change: Callable[[set[int]], Awaitable[None]]):
+        self._connection = connection
+        self._topic = topic
+        self._on_change = on_change
+        self.rebalances = 0
+
+    def current(self) -> bool:
+        return True
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+
+    async def __aenter__(self) -> SoleMember:
+        consumer = AIOKafkaConsumer(**client_options(self._connection))
+        try:
+            await consumer.start()
+            await consumer.topics()
+            partitions = set(consumer.partitions_for_topic(self._topic) or ())
+        except KafkaError as exc:
+            raise unreachable(self._connection, exc) from exc
+        finally:
+            await consumer.stop()
+        await self._on_change(partitions)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
 class Membership:
     """`async with` it: joins the group; `on_change(partitions)` is awaited after every rebalance, and must
     stop publishing for what it lost before its first await."""

@@ -24,4 +24,7 @@ class GroupConfig(StrictModel):
     # auto: so where the broker allows it, at least once elsewhere
     delivery: Literal["auto", "exactly-once", "at-least-once"] = "auto"
     session_timeout_ms: Annotated[int, Field(ge=1000)] = SESSION_TIMEOUT_MS
+    # run every source of the topic without joining the group: for brokers whose groups do not settle after a
+    # member dies (noida-db); one such worker at a time
+    sole_worker: bool = False
     status_interval_seconds: Annotated[float, Field(gt=0)] = 2.0

@@ -34,7 +34,7 @@ from aiokafka.errors import KafkaError
 from rich.console import Console
 
 from pipeline.cluster.catalog import decode_source, ensure_compacted_topic
-from pipeline.cluster.membership import Membership
+from pipeline.cluster.membership import Membership, SoleMember
 from pipeline.cluster.settings import SOURCES_PARTITIONS, GroupConfig
 from pipeline.cluster.status import SourceStatus, StatusPublisher, WorkerStatus, worker_id
 from pipeline.config import RunConfig, SourceConfig
@@ -69,7 +69,7 @@ class Worker:
         self._changed = asyncio.Event()  # the catalog or the assignment changed: `keep_reconciled` acts on it
         self._runner: Runner | None = None
         self._publisher: Publisher | None = None
-        self._membership: Membership | None = None
+        self._membership: Membership | SoleMember | None = None
 
     def weights(self) -> dict[int, int]:
         """Partition → the number of sources in it, for the group's assignor."""
@@ -287,20 +287,24 @@ class Worker:
             asyncio.create_task(self._ending_on_error(self.watch_catalog(connection)), name="framelabel-catalog"),
             asyncio.create_task(self._ending_on_error(self.keep_reconciled()), name="framelabel-reconcile"),
         ]
-        membership = Membership(
-            connection,
-            self._group.sources_topic,
-            self._group.name,
-            self.weights,
-            self.assigned,
-            self._group.session_timeout_ms,
-        )
+        membership: Membership | SoleMember
+        if self._group.sole_worker:
+            membership = SoleMember(connection, self._group.sources_topic, self.assigned)
+        else:
+            membership = Membership(
+                connection,
+                self._group.sources_topic,
+                self._group.name,
+                self.weights,
+                self.assigned,
+                self._group.session_timeout_ms,
+            )
+        self._membership = membership
         try:
             async with (
                 membership,
                 StatusPublisher(connection, self._group.status_topic, self.status, self._group.status_interval_seconds),
             ):
-                self._membership = membership
                 yield
         finally:
             for task in tasks:
