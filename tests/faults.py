@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -261,10 +261,14 @@ def pipeline_run(config: Path, env: dict[str, str] | None = None) -> Iterator[Pi
 
 
 @contextlib.contextmanager
-def framelabel_process(*args: str, env: dict[str, str] | None = None) -> Iterator[PipelineRun]:
-    """`framelabel ARGS` in a child process, its output collected; stopped at the end if still running."""
+def framelabel_process(
+    *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> Iterator[PipelineRun]:
+    """`framelabel ARGS` in a child process, its output collected; stopped at the end if still running.
+
+    `prefix`: a command that runs it, such as `ip netns exec NAME` (one that execs, so the pid is framelabel's)."""
     process = subprocess.Popen(
-        [FRAMELABEL, *args],
+        [*prefix, FRAMELABEL, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -9,7 +9,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from pipeline.cluster.status import WorkerStatus, read_status
 from pipeline.config import SourceConfig
 from pipeline.kafka import KafkaConnection
 from pipeline.records import DecodedRecord, decode_record
+from tests import netns
 from tests.cameras import CLIPS, rtsp_camera
 from tests.faults import PipelineRun, delivery_figures, eventually, framelabel_process, noida_broker
 from tests.kafka import QUIET_S, kafka_broker, read_topic
@@ -254,3 +255,109 @@ async def wait_for_log(run: PipelineRun, text: str, within_s: float = 60.0) -> N
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; the log:\n{run.log()[-6000:]}") from None
     assert text in run.log(), run.log()[-6000:]
+
+
+def slipped_through(records: list[DecodedRecord], zombie: str) -> list[DecodedRecord]:
+    """The zombie's records, stored after another worker took the source over, of frames that worker had
+    already published: what the zombie published of its old run (none), or repeated of the new owner's work."""
+    taken_over = next(i for i, record in enumerate(records) if record.worker != zombie)
+    published_by_others: set[int] = set()
+    slipped = []
+    for record in records[taken_over:]:
+        if record.worker != zombie:
+            published_by_others.add(record.frame_index)
+        elif record.frame_index <= max(published_by_others, default=-1):
+            slipped.append(record)
+    return slipped
+
+
+async def one_worker_away_for_a_while(
+    tmp_path: Path,
+    clip: Path,
+    address: str,
+    start: Callable[[Path], contextlib.AbstractContextManager[list[PipelineRun]]],
+    away: Callable[[PipelineRun], contextlib.AbstractContextManager[None]],
+) -> tuple[list[DecodedRecord], str, int]:
+    """Two workers, a replay on each; one is `away` (frozen, cut off) until its replay runs on the other, then
+    back. Both replays run to their end. The records of the replay that moved, the id of the worker away and
+    when it went away (ms since the epoch)."""
+    ids = ids_in_distinct_partitions(2, "moved-")
+    cluster = Cluster(address)
+    await ensure_compacted_topic(cluster.connection, "framelabel.sources", SOURCES_PARTITIONS)
+    await put_sources(cluster.connection, "framelabel.sources", [replay(source_id, clip) for source_id in ids])
+    with start(worker_config(tmp_path, address)) as running:
+        await cluster.until(lambda c: len(c.workers) == 2 and len(set(c.running().values())) == 2, "one source each")
+        zombie = running[0]
+        pid = zombie.process.pid
+        zombie_id = next(worker.worker for worker in cluster.workers if worker.pid == pid)
+        lost = next(source for source, worker in cluster.running().items() if worker == pid)
+        away_since_ms = round(time.time() * 1000)
+        with away(zombie):
+            await cluster.until(lambda c: c.running().get(lost, pid) != pid, f"{lost} on the other worker")
+        await wait_for_log(zombie, "session lapsed")  # it noticed
+        await cluster.until(lambda c: set(ids) <= c.ended(), "both replays ended", 120)
+        for run in running:
+            assert run.finish(signal.SIGTERM) == 0, run.log()
+    return by_source(await read_topic(address, "frames"))[lost], zombie_id, away_since_ms
+
+
+def assert_only_in_flight_slipped(records: list[DecodedRecord], zombie: str, away_since_ms: int) -> int:
+    """What a worker away published of its old run after another took its source over may only be what it had
+    handed to Kafka before it went away (without transactions nothing can call that back); the count."""
+    slipped = slipped_through(records, zombie)
+    late = [record.frame_index for record in slipped if record.capture_time_ms >= away_since_ms]
+    assert not late, f"captured while away, published after the move: frames {late}"
+    assert delivery_figures(records, EXPECTED).lost == 0
+    return len(slipped)
+
+
+@contextlib.contextmanager
+def frozen(run: PipelineRun) -> Iterator[None]:
+    run.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        run.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(300)
+async def test_a_frozen_worker_does_not_publish_for_the_source_it_lost(
+    tmp_path: Path, long_clip: Path, figures: dict[str, object]
+) -> None:
+    """SIGSTOP past the session timeout: its source moves; after SIGCONT it notices before publishing more."""
+    async with kafka_broker() as broker:
+        moved = await one_worker_away_for_a_while(
+            tmp_path, long_clip, broker.address, lambda config: workers(config, 2), frozen
+        )
+    slipped = assert_only_in_flight_slipped(*moved)
+    figures["workers: records a worker frozen past its session published for its lost source (Tansu)"] = slipped
+
+
+@pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))
+@pytest.mark.timeout(300)
+async def test_a_worker_cut_off_from_the_broker_does_not_publish_what_it_buffered_for_the_source_it_lost(
+    tmp_path: Path, long_clip: Path, figures: dict[str, object]
+) -> None:
+    """Each worker on a host of its own (a network namespace); one is cut off from the broker while it keeps
+    capturing, until its source runs on the other; when the cut heals, what it holds must not land."""
+    with netns.network(hosts=2) as net, netns.tansu_broker(net) as address:
+
+        @contextlib.contextmanager
+        def on_hosts(config: Path) -> Iterator[list[PipelineRun]]:
+            with contextlib.ExitStack() as stack:
+                yield [
+                    stack.enter_context(framelabel_process("run", str(config), prefix=["ip", "netns", "exec", h.name]))
+                    for h in net.hosts
+                ]
+
+        @contextlib.contextmanager
+        def cut_off(run: PipelineRun) -> Iterator[None]:
+            net.cut(net.hosts[0])
+            try:
+                yield
+            finally:
+                net.heal(net.hosts[0])
+
+        moved = await one_worker_away_for_a_while(tmp_path, long_clip, address, on_hosts, cut_off)
+    slipped = assert_only_in_flight_slipped(*moved)
+    figures["workers: records a worker cut off past its session published for its lost source (Tansu)"] = slipped

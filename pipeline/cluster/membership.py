@@ -13,7 +13,9 @@ coordinator after the session timeout and its sources given to others, while
 it may still be capturing. So a worker publishes only under a lease: from the
 sending of its last heartbeat the coordinator answered, less than the session
 timeout ago, and not during a rebalance. Past it, publishing waits until the
-group has answered again, and for sources that have moved it never resumes.
+group has answered again; and since the others may have run its sources
+meanwhile, it then stops all of them, and starts afresh (from their progress)
+those the new assignment gives it.
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ class Membership:
             heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
         )
         self._settled = False  # False during a rebalance, and until the first one is over
+        self._lapsed = False  # the session ran out before this rebalance: nothing held before is ours
         self._lease_from = -math.inf  # time.monotonic() when the coordinator last heard from us, as far as we know
         self._changed = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
@@ -245,6 +248,12 @@ class Membership:
         coordinator._do_heartbeat = timed_heartbeat
 
     async def _revoked(self) -> None:
+        if self._settled and not self.current():
+            # the group went on without us (we were frozen, or cut off): what we held may have run elsewhere
+            # since, so none of it is ours any more, even if the next assignment gives it back
+            self._lapsed = True
+            self._assignor.held = set()
+            log.warning("group %s: this worker's session lapsed; its sources will start afresh", self._group)
         self._settled = False
         log.info("group %s: rebalancing; publishing waits", self._group)
 
@@ -256,6 +265,9 @@ class Membership:
         self.rebalances += 1
         self._settled = True
         self._changed.set()
+        if self._lapsed:
+            self._lapsed = False
+            await self._on_change(set())  # stop everything: the sources given back start from their progress
         await self._on_change(partitions)
 
 
