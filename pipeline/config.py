@@ -77,6 +77,11 @@ class AnnotatorConfig(StrictModel):
     connect_timeout_seconds: Annotated[float, Field(gt=0, description="how long the start waits for the service")] = (
         10.0
     )
+    health_check: bool = Field(
+        True,
+        description="skip a replica whose gRPC health check fails; off for services "
+        "that answer the check with an error",
+    )
 
     @model_validator(mode="after")
     def _targets_for_grpc(self) -> AnnotatorConfig:

@@ -97,6 +97,7 @@ def build_annotator(config: AnnotatorConfig, on_grpc_call: CallObserver | None =
             max_in_flight=config.max_in_flight,
             retry_for_seconds=config.retry_for_seconds,
             connect_timeout_seconds=config.connect_timeout_seconds,
+            health_check=config.health_check,
         ),
         on_grpc_call,
     )

@@ -68,19 +68,23 @@ class GrpcSettings:
     retry_for_seconds: float = 60.0  # how long a patient call waits out an unavailable service
     connect_timeout_seconds: float = 10.0  # how long start() waits for a first connection
     max_backoff_seconds: float = 5.0
+    # gRPC health checking of each connection; off for a service that answers it with an error (a service
+    # without the health service at all counts as serving)
+    health_check: bool = True
 
     @property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(0.2, self.max_backoff_seconds, deadline_s=self.retry_for_seconds)
 
 
-def service_config() -> str:
+def service_config(health_check: bool = True) -> str:
     retryable = [code.name for code in RETRYABLE]
+    # "": the server as a whole, which every health service answers for (ours too, NOT_SERVING on shutdown)
+    health = {"healthCheckConfig": {"serviceName": ""}} if health_check else {}
     return json.dumps(
-        {
+        health
+        | {
             "loadBalancingConfig": [{"round_robin": {}}],
-            # "": the server as a whole, which every health service answers for (ours too, NOT_SERVING on shutdown)
-            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [
                 {
                     "name": [{"service": SERVICE_NAME}],
@@ -99,7 +103,7 @@ def service_config() -> str:
 
 def _open_channel(target: str, settings: GrpcSettings) -> aio.Channel:
     options = [
-        ("grpc.service_config", service_config()),
+        ("grpc.service_config", service_config(settings.health_check)),
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", DEFAULT_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", DEFAULT_MESSAGE_BYTES),
