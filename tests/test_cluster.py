@@ -9,12 +9,12 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from pipeline.cluster.catalog import ensure_compacted_topic, put_sources, remove_sources
@@ -206,15 +206,19 @@ async def test_three_workers_share_six_sources_and_one_killed_hands_its_sources_
 
 
 async def read_committed(address: str, topic: str) -> list[DecodedRecord]:
-    """Every committed record of the topic, as a `read_committed` consumer downstream sees them."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=address, auto_offset_reset="earliest", isolation_level="read_committed"
-    )
+    """Every record committed when it is called, as a `read_committed` consumer downstream sees them (read up
+    to the last stable offsets, which noida-db reports truly)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=address, isolation_level="read_committed")
     await consumer.start()
     records: list[DecodedRecord] = []
     try:
-        while fetched := await consumer.getmany(timeout_ms=int(QUIET_S * 1000)):
-            for batch in fetched.values():
+        await consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while any([await consumer.position(p) < end for p, end in ends.items()]):
+            for batch in (await consumer.getmany(timeout_ms=int(QUIET_S * 1000))).values():
                 records += [decode_record(r.key, r.value, r.headers, r.timestamp) for r in batch]
     finally:
         await consumer.stop()
@@ -361,3 +365,44 @@ async def test_a_worker_cut_off_from_the_broker_does_not_publish_what_it_buffere
         moved = await one_worker_away_for_a_while(tmp_path, long_clip, address, on_hosts, cut_off)
     slipped = assert_only_in_flight_slipped(*moved)
     figures["workers: records a worker cut off past its session published for its lost source (Tansu)"] = slipped
+
+
+@pytest.mark.timeout(300)
+async def test_a_frozen_worker_is_fenced_by_the_transactional_id_of_the_replay_taken_from_it(
+    tmp_path: Path, long_clip: Path, figures: dict[str, object]
+) -> None:
+    """noida-db: a sole worker frozen mid-replay, a second one takes the replay over (fencing the first); the
+    first, resumed, commits nothing more: a `read_committed` consumer sees every frame once, in order."""
+    with noida_broker(tmp_path / "noida") as broker:
+        config = worker_config(tmp_path, broker.address, sole_worker=True, delivery="exactly-once")
+        connection = KafkaConnection(bootstrap_servers=broker.address)
+        await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
+        await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
+        with framelabel_process("run", str(config)) as zombie:
+            await wait_for_log(zombie, "source clip: started")
+            committed = await eventually_async(lambda: read_committed(broker.address, "frames"), "committed records")
+            with framelabel_process("run", str(config)) as successor:
+                with frozen(zombie):
+                    await wait_for_log(successor, "source clip: resuming after frame")
+                    await eventually_async(lambda: _more(broker.address, len(committed)), "the successor's records")
+                await wait_for_log(successor, "source clip: replay ended", within_s=90)
+                assert successor.finish(signal.SIGTERM) == 0, successor.log()
+            await wait_for_log(zombie, "another worker claimed it")
+        records = await read_committed(broker.address, "frames")
+    assert [record.frame_index for record in records] == EXPECTED
+    zombie_ids = {record.worker for record in records[: len(committed)]}
+    assert not [r for r in records[len(committed) :] if r.worker in zombie_ids and r.worker != records[-1].worker]
+
+
+async def eventually_async(read: Callable[[], Awaitable[list[DecodedRecord]]], what: str) -> list[DecodedRecord]:
+    """Poll `read()` until it returns something, within a minute."""
+    deadline = time.monotonic() + 60
+    while not (got := await read()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after 60 s waiting for {what}")
+    return got
+
+
+async def _more(address: str, than: int) -> list[DecodedRecord]:
+    records = await read_committed(address, "frames")
+    return records if len(records) > than else []
