@@ -49,14 +49,26 @@ RESUME_HINT = re.compile(r"frame (?P<index>\d+) @ (?P<ms>[\d.]+) ms")
 RECONNECTING = re.compile(r"camera (?P<source>\S+) \(.*\): .*; reconnecting in (?P<delay>[\d.]+) s")
 
 
-@pytest.fixture(scope="module")
-def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bikes.mp4 twice over at 320 px: 500 frames, 20 s at 25 fps, a keyframe every second (for resuming)."""
-    clip = tmp_path_factory.mktemp("clips") / "bikes-20s.mp4"
-    command = ["ffmpeg", "-v", "error", "-stream_loop", "1", "-i", str(CLIPS / "bikes.mp4"), "-an"]
+def bikes_at_320(folder: Path, passes: int) -> Path:
+    """bikes.mp4 `passes` times over at 320 px: 250 frames (10 s at 25 fps) a pass, a keyframe every second."""
+    clip = folder / f"bikes-{passes * 10}s.mp4"
+    command = ["ffmpeg", "-v", "error", "-stream_loop", str(passes - 1), "-i", str(CLIPS / "bikes.mp4"), "-an"]
     command += ["-vf", "scale=320:-2", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", str(clip)]
     subprocess.run(command, check=True, timeout=120)
     return clip
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 s: a replay that outlasts two link cuts (3 s, 10 s) one after the other, and cameras that stay up."""
+    return bikes_at_320(tmp_path_factory.mktemp("clips"), passes=2)
+
+
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 s: a replay still going when one outage (5 s down, then a restart) is over. A realtime replay held up
+    by an outage resumes its pace rather than catching up, so its run lasts the clip plus the outage."""
+    return bikes_at_320(tmp_path_factory.mktemp("clips"), passes=1)
 
 
 @pytest.fixture
@@ -110,9 +122,9 @@ async def test_kafka_link_cut_mid_replay_loses_nothing_and_keeps_order(
 
 
 async def test_broker_restarted_mid_replay_with_idempotence_loses_nothing_and_stores_no_duplicate(
-    long_clip: Path, tmp_path: Path, figures: dict[str, object]
+    short_clip: Path, tmp_path: Path, figures: dict[str, object]
 ) -> None:
-    source = {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 2}
+    source = {"id": "clip", "uri": str(short_clip), "realtime": True, "every_nth": 2}
     with noida_broker(tmp_path / "noida") as broker:
         config = write_run_config(tmp_path, broker.address, [source], idempotent=True)
         async with TopicWatcher(broker.address) as watcher:
@@ -126,7 +138,7 @@ async def test_broker_restarted_mid_replay_with_idempotence_loses_nothing_and_st
                 code = await run.end(wait_s=120)
         assert code == 0, run.log()
         records = [r for r in await read_topic(broker.address, "frames") if r.source_id == "clip"]
-    expected = list(range(0, frame_count(long_clip), 2))
+    expected = list(range(0, frame_count(short_clip), 2))
     found = delivery_figures(records, expected)
     figures[f"broker restart ({BROKER_OUTAGE_S:g} s down, idempotent): frames lost"] = found.lost
     figures[f"broker restart ({BROKER_OUTAGE_S:g} s down, idempotent): duplicates"] = found.duplicates
@@ -138,12 +150,12 @@ async def test_broker_restarted_mid_replay_with_idempotence_loses_nothing_and_st
 
 
 async def test_annotate_service_killed_and_restarted_replay_loses_nothing_and_the_camera_goes_on(
-    service_factory: Callable[..., ServiceProcess], long_clip: Path, tmp_path: Path, figures: dict[str, object]
+    service_factory: Callable[..., ServiceProcess], short_clip: Path, tmp_path: Path, figures: dict[str, object]
 ) -> None:
     service = service_factory("--classifier", "imagenet")
-    expected_clip = list(range(0, frame_count(long_clip), 4))
+    expected_clip = list(range(0, frame_count(short_clip), 4))
     sources = [
-        {"id": "clip", "uri": str(long_clip), "realtime": True, "every_nth": 4},
+        {"id": "clip", "uri": str(short_clip), "realtime": True, "every_nth": 4},
         {"id": "cam", "uri": "", "fps": 5},
     ]
     async with kafka_broker() as broker:
