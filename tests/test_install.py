@@ -112,9 +112,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory, figures: dict[str, objec
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
     timed(figures, "wheel build", [*pip_wheel, str(source)], BUILD_TIMEOUT)
     (wheel,) = wheels.glob("framelabel-*.whl")
-    timed(figures, "venv", [sys.executable, "-m", "venv", str(venv)], BUILD_TIMEOUT)
+    # No pip of its own (ensurepip takes seconds): the test's pip installs into it through `--python`.
+    timed(figures, "venv", [sys.executable, "-m", "venv", "--without-pip", str(venv)], BUILD_TIMEOUT)
     python = str(venv / "bin" / "python")
-    timed(figures, "pip install wheel", [python, "-m", "pip", "install", "--quiet", str(wheel)], INSTALL_TIMEOUT)
+    pip_install = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", str(wheel)]
+    timed(figures, "pip install wheel", pip_install, INSTALL_TIMEOUT)
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True,
