@@ -89,7 +89,7 @@ async def test_tls_to_a_plaintext_broker_fails_fast_and_names_it(pki: Pki) -> No
             enable_idempotence=False,
             security_protocol="SSL",
             ssl_cafile=pki.ca,
-            connect_timeout_ms=5000,
+            connect_timeout_ms=1000,
         )
         # Fast: it gives up by connect_timeout_ms (a TLS handshake to a plaintext broker can wait for ever); the
         # liveness bound is well past that, so only a hang fails it.
