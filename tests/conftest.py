@@ -29,8 +29,9 @@ def service_factory() -> Iterator[Callable[..., ServiceProcess]]:
         service.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def imagenet_service() -> Iterator[ServiceProcess]:
+    """One service for every test that only calls it; a test that stops, limits or reconfigures one starts its own."""
     service = start_service("--classifier", "imagenet")
     yield service
     service.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -24,6 +25,7 @@ from services.api.image_classifier_pb2 import (
 )
 
 QUIET_S = 1.0  # a topic that stays quiet this long has been read to its end
+COUNTED_QUIET_S = 0.3  # the same once the records expected are in
 DEADLINE_S = 10.0
 EPOCH_MS = 1_760_000_000_000
 
@@ -97,14 +99,27 @@ def annotated_frame(
     return AnnotatedFrame(info, response, width=640, height=480)
 
 
-async def read_topic(address: str, topic: str, *, max_records: int | None = None) -> list[DecodedRecord]:
-    """Every record of the topic from the start, read until it has been quiet for QUIET_S."""
-    return [
-        record
-        async for record in consume(
-            connection(address, topic), from_beginning=True, max_records=max_records, idle_timeout_s=QUIET_S
-        )
-    ]
+async def read_topic(
+    address: str, topic: str, *, max_records: int | None = None, expected: int | None = None
+) -> list[DecodedRecord]:
+    """Every record of the topic from the start, read until it has been quiet for QUIET_S.
+
+    Given the count `expected` of a topic whose writers have finished, quiet for COUNTED_QUIET_S is enough once
+    that many have come: whatever follows them is stored already and arrives with the next fetch.
+    """
+    records: list[DecodedRecord] = []
+    stream = consume(connection(address, topic), from_beginning=True, max_records=max_records, idle_timeout_s=QUIET_S)
+    async with contextlib.aclosing(stream):
+        while True:
+            try:
+                async with asyncio.timeout(
+                    COUNTED_QUIET_S if expected is not None and len(records) >= expected else None
+                ):
+                    record = await anext(stream)
+            except (StopAsyncIteration, TimeoutError):
+                return records
+            assert isinstance(record, DecodedRecord), record
+            records.append(record)
 
 
 async def raw_records(address: str, topic: str, count: int) -> list[ConsumerRecord[bytes, bytes]]:

@@ -33,7 +33,8 @@ async def test_consume_waits_for_its_topic_filters_records_and_resumes_in_a_grou
         command += ["--from-beginning", "--min-confidence", "0.5", "--idle-timeout", "2"]
         sure = [scored_frame("cam", i, {"dog": 0.8, "cat": 0.2}) for i in range(0, 6, 2)]
         unsure = [scored_frame("cam", i, {"dog": 0.3, "cat": 0.2}) for i in range(1, 6, 2)]
-        with framelabel_process(*command) as reader:
+        # each run stops at the count it should print (the idle timeout is only its bound), not 2 s after it
+        with framelabel_process(*command, "--max", "3") as reader:
             await eventually(lambda: "waiting for topic frames" in reader.log(), "the waiting line")
             await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=1))
             await publish(broker.address, "frames", sorted(sure + unsure, key=lambda f: f.info.index))
@@ -41,6 +42,6 @@ async def test_consume_waits_for_its_topic_filters_records_and_resumes_in_a_grou
         # the unsure frames are left out, not printed empty; the sure ones keep their sure labels only
         assert consumed(reader.stdout) == [("cam", 0, ["dog"]), ("cam", 2, ["dog"]), ("cam", 4, ["dog"])], reader.log()
         await publish(broker.address, "frames", [scored_frame("cam", 6, {"cat": 0.9})])
-        with framelabel_process(*command) as again:
+        with framelabel_process(*command, "--max", "1") as again:
             assert await again.end() == 0
         assert consumed(again.stdout) == [("cam", 6, ["cat"])]  # the group resumed after what it had read

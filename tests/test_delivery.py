@@ -35,7 +35,7 @@ async def test_records_re_sent_after_their_batches_expired_keep_frame_order(figu
             figures["broker frozen mid-stream: seconds for flush() once it is back"] = time.monotonic() - began
         finally:
             await publisher.stop()
-        records = await read_topic(broker.address, settings.topic)
+        records = await read_topic(broker.address, settings.topic, expected=2 * FRAMES_PER_SOURCE)
     assert publisher.stats.lost == 0
     for source_id in ("cam-a", "cam-b"):
         found = delivery_figures([r for r in records if r.source_id == source_id], list(range(FRAMES_PER_SOURCE)))

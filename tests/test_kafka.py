@@ -154,7 +154,7 @@ async def test_published_frames_come_back_in_order(
     assert len(deliveries.acknowledged) == 200
 
     assert await partition_count(broker.address, settings.topic) == 5
-    records = await read_topic(broker.address, settings.topic)
+    records = await read_topic(broker.address, settings.topic, expected=200)
     assert len(records) == 200
     sent = {(frame.info.source_id, frame.info.index): frame for frame in frames}
     for raw in await raw_records(broker.address, settings.topic, 200):
@@ -178,7 +178,8 @@ async def test_existing_topic_is_used_as_it_is(broker: EmbeddedBroker) -> None:
         async with started(Publisher(settings_for(broker, partitions=partitions))) as publisher:
             await publisher.publish(annotated_frame("cam-b", partitions))
     assert await partition_count(broker.address, publisher.settings.topic) == 2
-    assert [record.frame_index for record in await read_topic(broker.address, publisher.settings.topic)] == [2, 6]
+    records = await read_topic(broker.address, publisher.settings.topic, expected=2)
+    assert [record.frame_index for record in records] == [2, 6]
 
 
 async def test_consumer_filters_by_source_and_stops_at_max_records(broker: EmbeddedBroker) -> None:
@@ -271,7 +272,7 @@ async def test_failed_deliveries_are_retried_until_the_broker_is_back(broker: Em
         assert (publisher.stats.published, publisher.stats.lost) == (20, 0)
 
     # At least once: each frame is stored, a frozen request may have been stored as well.
-    records = await read_topic(broker.address, settings.topic)
+    records = await read_topic(broker.address, settings.topic, expected=len(frames))
     assert {(record.source_id, record.frame_index) for record in records} == {
         (frame.info.source_id, frame.info.index) for frame in frames
     }
@@ -300,7 +301,8 @@ async def test_a_record_over_one_mebibyte_is_delivered(broker: EmbeddedBroker) -
     big = annotated_frame("cam-b", 0, description="x" * 1_500_000)
     async with started(Publisher(settings_for(broker))) as publisher:
         await publisher.publish(big)
-    assert [record.response for record in await read_topic(broker.address, publisher.settings.topic)] == [big.response]
+    records = await read_topic(broker.address, publisher.settings.topic, expected=1)
+    assert [record.response for record in records] == [big.response]
 
     async with started(Publisher(settings_for(broker, max_request_bytes=1024 * 1024))) as publisher:
         with pytest.raises(

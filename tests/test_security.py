@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
-from tests.helpers import FRAMELABEL, ServiceProcess, jpeg, photo, request
+from tests.helpers import FRAMELABEL, ServiceProcess, jpeg, photo, request, start_service
 
 API_KEY = "k-0123456789abcdef"
 IAM_TOKEN = "t1.iam-token-for-tests"
@@ -34,10 +34,15 @@ def call_code(address: str, metadata: tuple[tuple[str, str], ...]) -> grpc.Statu
     return grpc.StatusCode.OK
 
 
-@pytest.fixture
-def secured_service(service_factory: Callable[..., ServiceProcess]) -> ServiceProcess:
-    env = os.environ | {"FRAMELABEL_API_KEYS": f"other-key,{API_KEY}", "FRAMELABEL_IAM_TOKENS": IAM_TOKEN}
-    return service_factory(env=env)
+SECURED_ENV = os.environ | {"FRAMELABEL_API_KEYS": f"other-key,{API_KEY}", "FRAMELABEL_IAM_TOKENS": IAM_TOKEN}
+
+
+@pytest.fixture(scope="module")
+def secured_service() -> Iterator[ServiceProcess]:
+    """One service for the calls that only ask it something (each call is checked on its own)."""
+    service = start_service(env=SECURED_ENV)
+    yield service
+    service.stop()
 
 
 @pytest.mark.parametrize(
@@ -57,7 +62,8 @@ def test_api_keys_and_tokens(
     assert call_code(secured_service.address, metadata) == expected
 
 
-def test_health_stays_open_and_secrets_stay_out_of_the_log(secured_service: ServiceProcess) -> None:
+def test_health_stays_open_and_secrets_stay_out_of_the_log(service_factory: Callable[..., ServiceProcess]) -> None:
+    secured_service = service_factory(env=SECURED_ENV)  # its own: stopped here, so that its whole log is read
     with grpc.insecure_channel(secured_service.address) as channel:
         answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -36,14 +36,14 @@ async def test_run_annotates_over_tls_with_an_api_key_and_never_logs_it(
     service_env = os.environ | {"FRAMELABEL_API_KEYS": API_KEY}
     service = service_factory("--config", str(write_tls_config(tmp_path, pki, mutual=False)), env=service_env)
     every_nth = 22
+    expected = len(range(0, frame_count(BUNNY), every_nth))
     annotator = {"kind": "grpc", "targets": [f"localhost:{service.port}"], "ca_file": str(pki.ca)}
     async with kafka_broker() as broker:
         sources = [{"id": "bunny", "uri": str(BUNNY), "every_nth": every_nth}]
         config = write_run_config(tmp_path, broker.address, sources, annotator=annotator)
         with pipeline_run(config, env=os.environ | {"YC_API_KEY": key}) as run:
             code = await run.end()
-        records = await read_topic(broker.address, "frames") if key == API_KEY else []
-    expected = len(range(0, frame_count(BUNNY), every_nth))
+        records = await read_topic(broker.address, "frames", expected=expected) if key == API_KEY else []
     summary = run.summary("bunny")
     assert code == (0 if key == API_KEY else 1), run.log()  # frames not annotated are lost: exit status 1
     assert key not in run.log() + "".join(run.stdout)
@@ -89,7 +89,7 @@ async def test_tls_to_a_plaintext_broker_fails_fast_and_names_it(pki: Pki) -> No
             enable_idempotence=False,
             security_protocol="SSL",
             ssl_cafile=pki.ca,
-            connect_timeout_ms=5000,
+            connect_timeout_ms=1000,
         )
         # Fast: it gives up by connect_timeout_ms (a TLS handshake to a plaintext broker can wait for ever); the
         # liveness bound is well past that, so only a hang fails it.
