@@ -27,7 +27,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from pipeline.events.record import decode_event, is_event_record
-from pipeline.kafka import EMBEDDED, KafkaConnection, client_options
+from pipeline.kafka import (
+    EMBEDDED,
+    GROUP_HEARTBEAT_INTERVAL_MS,
+    GROUP_SESSION_TIMEOUT_MS,
+    KafkaConnection,
+    client_options,
+)
 from pipeline.records import DecodedRecord, RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.errors import FramelabelError
@@ -80,6 +86,8 @@ async def consume(
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
         max_partition_fetch_bytes=LARGEST_RECORD_BYTES,
+        session_timeout_ms=GROUP_SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=GROUP_HEARTBEAT_INTERVAL_MS,
     )
     wanted_key = None if source_id is None else source_id.encode()
     last_record_at = time.monotonic()

@@ -37,6 +37,11 @@ READ_QUIET_S = 0.3
 READ_GIVE_UP_S = 3.0
 READ_POLL_MS = 200
 
+# Consumer groups (consume --group, the events stage, a group's workers): a member that dies is noticed after the
+# session timeout; Tansu lets a join wait half of it, so aiokafka's default 10 s made every join 5 s long
+GROUP_SESSION_TIMEOUT_MS = 6000
+GROUP_HEARTBEAT_INTERVAL_MS = 500
+
 CODEC_AVAILABLE = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 
 

@@ -34,12 +34,16 @@ from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import KafkaError
 
-from pipeline.kafka import KafkaConnection, client_options, unreachable
+from pipeline.kafka import (
+    GROUP_HEARTBEAT_INTERVAL_MS,
+    GROUP_SESSION_TIMEOUT_MS,
+    KafkaConnection,
+    client_options,
+    unreachable,
+)
 
 log = logging.getLogger("framelabel.cluster")
 
-SESSION_TIMEOUT_MS = 6000  # a dead worker's sources move after this (Tansu settles a rebalance in 3–4 s with it)
-HEARTBEAT_INTERVAL_MS = 500
 POLL_TIMEOUT_MS = 500
 
 Weights = Callable[[], Mapping[int, int]]  # partition → the sources it holds now
@@ -165,7 +169,7 @@ class Membership:
         group: str,
         weights: Weights,
         on_change: Callable[[set[int]], Awaitable[None]],
-        session_timeout_ms: int = SESSION_TIMEOUT_MS,
+        session_timeout_ms: int = GROUP_SESSION_TIMEOUT_MS,
     ) -> None:
         self._connection = connection
         self._topic = topic
@@ -179,7 +183,7 @@ class Membership:
             enable_auto_commit=False,
             partition_assignment_strategy=(self._assignor,),
             session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            heartbeat_interval_ms=GROUP_HEARTBEAT_INTERVAL_MS,
         )
         self._settled = False  # False during a rebalance, and until the first one is over
         self._lapsed = False  # the session ran out before this rebalance: nothing held before is ours
@@ -194,7 +198,7 @@ class Membership:
 
     def current(self) -> bool:
         """Whether the group still counts on this member for what it holds (the lease has not run out)."""
-        margin_s = HEARTBEAT_INTERVAL_MS / 1000
+        margin_s = GROUP_HEARTBEAT_INTERVAL_MS / 1000
         return self._settled and time.monotonic() - self._lease_from < self._session_s - margin_s
 
     async def wait_for_change(self, timeout_s: float) -> None:

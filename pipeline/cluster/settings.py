@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pipeline.cluster.membership import SESSION_TIMEOUT_MS
+from pipeline.kafka import GROUP_SESSION_TIMEOUT_MS
 from services.config import StrictModel
 
 SOURCES_TOPIC = "framelabel.sources"  # compacted: key = source id, value = its config; a tombstone removes it
@@ -23,7 +23,7 @@ class GroupConfig(StrictModel):
     # exactly-once: each replay's records and progress commit together (brokers with transactions);
     # auto: so where the broker allows it, at least once elsewhere
     delivery: Literal["auto", "exactly-once", "at-least-once"] = "auto"
-    session_timeout_ms: Annotated[int, Field(ge=1000)] = SESSION_TIMEOUT_MS
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = GROUP_SESSION_TIMEOUT_MS
     # run every source of the topic without joining the group: for brokers whose groups do not settle after a
     # member dies (noida-db); one such worker at a time
     sole_worker: bool = False

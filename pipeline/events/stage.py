@@ -33,6 +33,8 @@ from pipeline.events.record import encode_event
 from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EndReason, EventTracker, Observation
 from pipeline.kafka import (
+    GROUP_HEARTBEAT_INTERVAL_MS,
+    GROUP_SESSION_TIMEOUT_MS,
     KafkaConnection,
     KafkaSettings,
     client_options,
@@ -50,8 +52,6 @@ log = logging.getLogger("framelabel.events")
 
 POLL_TIMEOUT_MS = 200
 TOPIC_WAIT_S = 1.0
-SESSION_TIMEOUT_MS = 6000
-HEARTBEAT_INTERVAL_MS = 500
 FETCH_MAX_WAIT_MS = 50  # a fetch returns within this when there is little to read: part of every event's lag
 
 Client = TypeVar("Client", AIOKafkaConsumer, AIOKafkaProducer)
@@ -117,8 +117,8 @@ class EventsStage:
             # noida-db 0.2.3 hides records written without a transaction from read_committed readers)
             isolation_level="read_uncommitted",
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            session_timeout_ms=GROUP_SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=GROUP_HEARTBEAT_INTERVAL_MS,
         )
         try:
             await self._consumer.start()
