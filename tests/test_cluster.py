@@ -3,129 +3,42 @@ real clips and a real RTSP camera; workers killed, frozen and cut off from the b
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from aiokafka.partitioner import murmur2
 
 from pipeline.cluster.catalog import put_sources, remove_sources
-from pipeline.cluster.settings import SOURCES_PARTITIONS
-from pipeline.cluster.status import WorkerStatus, read_status
 from pipeline.config import SourceConfig
-from pipeline.kafka import KafkaConnection
-from pipeline.records import DecodedRecord
-from tests.cameras import CLIPS, rtsp_camera
-from tests.faults import PipelineRun, delivery_figures, framelabel_process
+from tests.cameras import rtsp_camera
+from tests.cluster import (
+    CLIP_FRAMES,
+    LONG_CLIP_ARGS,
+    Cluster,
+    by_source,
+    ids_in_distinct_partitions,
+    seconds_to_move,
+    worker_config,
+    workers,
+)
+from tests.faults import delivery_figures, framelabel_process
 from tests.kafka import kafka_broker, read_topic
 
 SESSION_S = 6.0  # the workers' default session timeout
 EVERY_NTH = 5
-CLIP_FRAMES = 500  # the looped clip below
 
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bikes.mp4 twice over at 320×180: 20 s and 500 frames of real video, cheap to decode and annotate."""
     clip = tmp_path_factory.mktemp("clips") / "bikes20.mp4"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-stream_loop", "1", "-i", str(CLIPS / "bikes.mp4"), "-vf", "scale=320:180",
-         "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-an", str(clip)],
-        check=True,
-    )  # fmt: skip
+    subprocess.run(["ffmpeg", "-v", "error", *LONG_CLIP_ARGS, str(clip)], check=True)
     return clip
-
-
-def ids_in_distinct_partitions(count: int, prefix: str) -> list[str]:
-    """Source ids that Kafka's default partitioner puts in different partitions of the sources topic."""
-    ids: list[str] = []
-    taken: set[int] = set()
-    for number in range(1000):
-        source_id = f"{prefix}{number}"
-        partition = (murmur2(source_id.encode()) & 0x7FFFFFFF) % SOURCES_PARTITIONS
-        if partition not in taken:
-            ids.append(source_id)
-            taken.add(partition)
-        if len(ids) == count:
-            return ids
-    raise AssertionError("not enough partitions")
 
 
 def replay(source_id: str, clip: Path) -> SourceConfig:
     return SourceConfig(id=source_id, uri=str(clip), realtime=True, every_nth=EVERY_NTH)
-
-
-def worker_config(folder: Path, address: str, name: str = "workers", **group: object) -> Path:
-    path = folder / f"{name}.yaml"
-    config = {
-        "group": {"name": name, "status_interval_seconds": 0.5} | group,
-        "kafka": {"bootstrap_servers": address, "topic": "frames", "enable_idempotence": False},
-        "annotator": {"classifier": "imagenet", "threads": 1},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@contextlib.contextmanager
-def workers(config: Path, count: int) -> Iterator[list[PipelineRun]]:
-    """`count` workers; when the test fails, what they logged is printed (pytest shows it)."""
-    with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(framelabel_process("run", str(config))) for _ in range(count)]
-        try:
-            yield runs
-        except BaseException:
-            for run in runs:
-                print(f"--- worker pid {run.process.pid}:\n{run.log()[-6000:]}")
-            raise
-
-
-class Cluster:
-    """The group as its heartbeats show it."""
-
-    def __init__(self, address: str) -> None:
-        self.connection = KafkaConnection(bootstrap_servers=address)
-        self.workers: list[WorkerStatus] = []
-
-    async def refresh(self) -> None:
-        now_ms = round(time.time() * 1000)
-        self.workers = [
-            w for w in await read_status(self.connection, "framelabel.status") if w.health(now_ms) == "alive"
-        ]
-
-    def running(self) -> dict[str, int]:
-        """Source id → the pid of the worker running it (not ended)."""
-        return {s.id: w.pid for w in self.workers for s in w.sources if s.state not in ("ended", "failed")}
-
-    def ended(self) -> set[str]:
-        return {s.id for w in self.workers for s in w.sources if s.state == "ended"}
-
-    async def until(self, condition: object, what: str, within_s: float = 60.0) -> float:
-        """Poll the heartbeats until `condition(self)` holds; the seconds it took."""
-        started = time.monotonic()
-        deadline = started + within_s
-        while True:
-            await self.refresh()
-            if condition(self):  # type: ignore[operator]
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gave up after {within_s:g} s waiting for {what}: {self.summary()}")
-            await asyncio.sleep(0.25)
-
-    def summary(self) -> str:
-        return "; ".join(f"{w.worker}: {[(s.id, s.state) for s in w.sources]}" for w in self.workers)
-
-
-def by_source(records: list[DecodedRecord]) -> dict[str, list[DecodedRecord]]:
-    grouped: dict[str, list[DecodedRecord]] = {}
-    for record in records:
-        grouped.setdefault(record.source_id, []).append(record)
-    return grouped
 
 
 EXPECTED = list(range(0, CLIP_FRAMES, EVERY_NTH))
@@ -180,16 +93,7 @@ async def test_three_workers_share_six_sources_and_one_killed_hands_its_sources_
                     if run.process.poll() is None:
                         assert run.finish(signal.SIGTERM) == 0, run.log()
         records = by_source(await read_topic(broker.address, "frames"))
-    moved_in_s = (
-        max(
-            min(
-                r.capture_time_ms for r in records[source] if r.worker != victim_id and r.capture_time_ms > killed_at_ms
-            )
-            - killed_at_ms
-            for source in lost
-        )
-        / 1000
-    )
+    moved_in_s = max(seconds_to_move(records, lost, victim_id, killed_at_ms).values())
     figures["workers: seconds from a SIGKILL to its sources' first records from other workers"] = moved_in_s
     assert moved_in_s < SESSION_S + 5, moved_in_s
     duplicates = 0
