@@ -314,10 +314,8 @@ def print_cluster(cluster: dict[str, Any]) -> None:
             continue
         print(
             f"  {key:44} {ours} {entry['ours']['median']}, {baseline} {entry['baseline']['median']}, "
-            f"ratio {entry['ratio']['median']}"
+            f"ratio {entry['ratio']['median']}" + (f" ({entry['note']})" if "note" in entry else "")
         )
-    if "note" in cluster["two_workers_to_one"]:
-        print(f"  {'':44} ({cluster['two_workers_to_one']['note']})")
     print(f"  {'failover (SIGKILL, at least once)':44} {cluster['failover']}")
 
 
