@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import simplejpeg
 
+from bench.cluster import measure_failover, measure_scaling, measure_transactions
 from bench.events import measure_events
 from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
@@ -178,6 +179,11 @@ def run(
         else figure("Roboflow peer", lambda: measure_peer(clip, MODEL))
     )
     results["events_stage"] = figure("events stage: throughput, lag at 10 × 25 fps", lambda: measure_events())
+    results["cluster"] = {
+        "two_workers_to_one": figure("scale out: 1 and 2 workers", lambda: measure_scaling(1)),
+        "exactly_once_to_at_least_once": figure("scale out: transactions", lambda: measure_transactions(1)),
+        "failover": figure("scale out: a worker killed", measure_failover),
+    }
     add_ratios(results)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     return results
@@ -286,12 +292,31 @@ def print_table(results: dict[str, Any]) -> None:
     line("peer_roboflow", results["peer_roboflow"])
     print("9. events stage (annotations/s on one core, wall and CPU; annotation → event lag at 10 × 25 fps):")
     line("events_stage", results["events_stage"])
+    print_cluster(results["cluster"])
     print("ratios from interleaved pairs (steady-state replays), median [min–max] of ours / baseline:")
     for key in ("paired_replay_to_naive_loop", "paired_grpc_to_in_process"):
         line(key, results[key])
     print("ratios of medians (not paired; replays at the steady state where it says so):")
     for name, value in results["ratios"].items():
         line(name, value)
+
+
+def print_cluster(cluster: dict[str, Any]) -> None:
+    print("10. scale out (workers of a group, 4 replays of a 320×180 clip, imagenet on 1 thread per worker),")
+    print("    frames/s published while every source runs; 1 and 2 workers on Tansu, transactions on noida-db:")
+    for key, ours, baseline in (
+        ("two_workers_to_one", "2 workers", "1 worker"),
+        ("exactly_once_to_at_least_once", "exactly once", "at least once"),
+    ):
+        entry = cluster[key]
+        if "ratio" not in entry:
+            print(f"  {key:44} {entry}")
+            continue
+        print(
+            f"  {key:44} {ours} {entry['ours']['median']}, {baseline} {entry['baseline']['median']}, "
+            f"ratio {entry['ratio']['median']}" + (f" ({entry['note']})" if "note" in entry else "")
+        )
+    print(f"  {'failover (SIGKILL, at least once)':44} {cluster['failover']}")
 
 
 def main() -> None:

@@ -13,122 +13,43 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.partitioner import murmur2
 
 from pipeline.cluster.catalog import ensure_compacted_topic, put_sources, remove_sources
 from pipeline.cluster.settings import SOURCES_PARTITIONS
-from pipeline.cluster.status import WorkerStatus, read_status
 from pipeline.config import SourceConfig
 from pipeline.kafka import KafkaConnection
 from pipeline.records import DecodedRecord, decode_record
 from tests import netns
-from tests.cameras import CLIPS, rtsp_camera
+from tests.cameras import rtsp_camera
+from tests.cluster import (
+    CLIP_FPS,
+    Cluster,
+    by_source,
+    ids_in_distinct_partitions,
+    looped_clip_args,
+    seconds_to_move,
+    worker_config,
+    workers,
+)
 from tests.faults import PipelineRun, delivery_figures, eventually, framelabel_process, noida_broker
 from tests.kafka import QUIET_S, kafka_broker, read_topic
 
 SESSION_MS = 4000  # shorter than the default, for shorter tests
 EVERY_NTH = 5
-CLIP_FRAMES = 300  # the clip below
+CLIP_SECONDS = 12
+CLIP_FRAMES = CLIP_SECONDS * CLIP_FPS
 
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bikes.mp4 looped to 12 s at 320×180: 300 frames of real video, cheap to decode and annotate."""
     clip = tmp_path_factory.mktemp("clips") / "bikes12.mp4"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-stream_loop", "1", "-i", str(CLIPS / "bikes.mp4"), "-t", "12", "-vf",
-         "scale=320:180", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-an", str(clip)],
-        check=True,
-    )  # fmt: skip
+    subprocess.run(["ffmpeg", "-v", "error", *looped_clip_args(CLIP_SECONDS), str(clip)], check=True)
     return clip
-
-
-def ids_in_distinct_partitions(count: int, prefix: str) -> list[str]:
-    """Source ids that Kafka's default partitioner puts in different partitions of the sources topic."""
-    ids: list[str] = []
-    taken: set[int] = set()
-    for number in range(1000):
-        source_id = f"{prefix}{number}"
-        partition = (murmur2(source_id.encode()) & 0x7FFFFFFF) % SOURCES_PARTITIONS
-        if partition not in taken:
-            ids.append(source_id)
-            taken.add(partition)
-        if len(ids) == count:
-            return ids
-    raise AssertionError("not enough partitions")
 
 
 def replay(source_id: str, clip: Path) -> SourceConfig:
     return SourceConfig(id=source_id, uri=str(clip), realtime=True, every_nth=EVERY_NTH)
-
-
-def worker_config(folder: Path, address: str, name: str = "workers", **group: object) -> Path:
-    path = folder / f"{name}.yaml"
-    config = {
-        "group": {"name": name, "status_interval_seconds": 0.5, "session_timeout_ms": SESSION_MS} | group,
-        "kafka": {"bootstrap_servers": address, "topic": "frames", "enable_idempotence": False},
-        "annotator": {"classifier": "imagenet", "threads": 1},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@contextlib.contextmanager
-def workers(config: Path, count: int) -> Iterator[list[PipelineRun]]:
-    """`count` workers; when the test fails, what they logged is printed (pytest shows it)."""
-    with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(framelabel_process("run", str(config))) for _ in range(count)]
-        try:
-            yield runs
-        except BaseException:
-            for run in runs:
-                print(f"--- worker pid {run.process.pid}:\n{run.log()[-6000:]}")
-            raise
-
-
-class Cluster:
-    """The group as its heartbeats show it."""
-
-    def __init__(self, address: str) -> None:
-        self.connection = KafkaConnection(bootstrap_servers=address)
-        self.workers: list[WorkerStatus] = []
-
-    async def refresh(self) -> None:
-        now_ms = round(time.time() * 1000)
-        self.workers = [
-            w for w in await read_status(self.connection, "framelabel.status") if w.health(now_ms) == "alive"
-        ]
-
-    def running(self) -> dict[str, int]:
-        """Source id → the pid of the worker running it (not ended)."""
-        return {s.id: w.pid for w in self.workers for s in w.sources if s.state not in ("ended", "failed")}
-
-    def ended(self) -> set[str]:
-        return {s.id for w in self.workers for s in w.sources if s.state == "ended"}
-
-    async def until(self, condition: object, what: str, within_s: float = 60.0) -> float:
-        """Poll the heartbeats until `condition(self)` holds; the seconds it took."""
-        started = time.monotonic()
-        deadline = started + within_s
-        while True:
-            await self.refresh()
-            if condition(self):  # type: ignore[operator]
-                return time.monotonic() - started
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gave up after {within_s:g} s waiting for {what}: {self.summary()}")
-            await asyncio.sleep(0.25)
-
-    def summary(self) -> str:
-        return "; ".join(f"{w.worker}: {[(s.id, s.state) for s in w.sources]}" for w in self.workers)
-
-
-def by_source(records: list[DecodedRecord]) -> dict[str, list[DecodedRecord]]:
-    grouped: dict[str, list[DecodedRecord]] = {}
-    for record in records:
-        grouped.setdefault(record.source_id, []).append(record)
-    return grouped
 
 
 EXPECTED = list(range(0, CLIP_FRAMES, EVERY_NTH))
@@ -150,7 +71,7 @@ async def test_three_workers_share_six_sources_and_one_killed_hands_its_sources_
                 assert adding.finish() == 0, adding.log()
             camera_source = SourceConfig(id=ids[5], uri=camera.url, fps=2)
             await put_sources(cluster.connection, "framelabel.sources", [camera_source])
-            config = worker_config(tmp_path, broker.address)
+            config = worker_config(tmp_path, broker.address, session_timeout_ms=SESSION_MS)
             with workers(config, 3) as running:
                 await cluster.until(
                     lambda c: len(c.workers) == 3 and len(c.running()) == 6, "6 sources on 3 workers", 90
@@ -183,16 +104,7 @@ async def test_three_workers_share_six_sources_and_one_killed_hands_its_sources_
                     if run.process.poll() is None:
                         assert run.finish(signal.SIGTERM) == 0, run.log()
         records = by_source(await read_topic(broker.address, "frames"))
-    moved_in_s = (
-        max(
-            min(
-                r.capture_time_ms for r in records[source] if r.worker != victim_id and r.capture_time_ms > killed_at_ms
-            )
-            - killed_at_ms
-            for source in lost
-        )
-        / 1000
-    )
+    moved_in_s = max(seconds_to_move(records, lost, victim_id, killed_at_ms).values())
     figures["workers: seconds from a SIGKILL to its sources' first records from other workers"] = moved_in_s
     assert moved_in_s < SESSION_MS / 1000 + 5, moved_in_s
     duplicates = 0
@@ -231,7 +143,9 @@ async def test_a_replay_killed_five_times_is_published_exactly_once_on_a_broker_
 ) -> None:
     """noida-db has transactions (its consumer groups do not settle after a member dies: a sole worker)."""
     with noida_broker(tmp_path / "noida") as broker:
-        config = worker_config(tmp_path, broker.address, sole_worker=True, delivery="exactly-once")
+        config = worker_config(
+            tmp_path, broker.address, sole_worker=True, delivery="exactly-once", session_timeout_ms=SESSION_MS
+        )
         connection = KafkaConnection(bootstrap_servers=broker.address)
         await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
         await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
@@ -289,7 +203,7 @@ async def one_worker_away_for_a_while(
     cluster = Cluster(address)
     await ensure_compacted_topic(cluster.connection, "framelabel.sources", SOURCES_PARTITIONS)
     await put_sources(cluster.connection, "framelabel.sources", [replay(source_id, clip) for source_id in ids])
-    with start(worker_config(tmp_path, address)) as running:
+    with start(worker_config(tmp_path, address, session_timeout_ms=SESSION_MS)) as running:
         await cluster.until(lambda c: len(c.workers) == 2 and len(set(c.running().values())) == 2, "one source each")
         zombie = running[0]
         pid = zombie.process.pid
@@ -307,10 +221,12 @@ async def one_worker_away_for_a_while(
 
 def assert_only_in_flight_slipped(records: list[DecodedRecord], zombie: str, away_since_ms: int) -> int:
     """What a worker away published of its old run after another took its source over may only be what it had
-    handed to Kafka before it went away (without transactions nothing can call that back); the count."""
+    handed to Kafka while its session could still be current (it cannot know it is cut off before then, and
+    without transactions nothing calls a record in flight back); the count."""
     slipped = slipped_through(records, zombie)
-    late = [record.frame_index for record in slipped if record.capture_time_ms >= away_since_ms]
-    assert not late, f"captured while away, published after the move: frames {late}"
+    lease_ended_ms = away_since_ms + SESSION_MS
+    late = [record.frame_index for record in slipped if record.capture_time_ms >= lease_ended_ms]
+    assert not late, f"captured after its session lapsed, published after the move: frames {late}"
     assert delivery_figures(records, EXPECTED).lost == 0
     return len(slipped)
 
@@ -374,7 +290,9 @@ async def test_a_frozen_worker_is_fenced_by_the_transactional_id_of_the_replay_t
     """noida-db: a sole worker frozen mid-replay, a second one takes the replay over (fencing the first); the
     first, resumed, commits nothing more: a `read_committed` consumer sees every frame once, in order."""
     with noida_broker(tmp_path / "noida") as broker:
-        config = worker_config(tmp_path, broker.address, sole_worker=True, delivery="exactly-once")
+        config = worker_config(
+            tmp_path, broker.address, sole_worker=True, delivery="exactly-once", session_timeout_ms=SESSION_MS
+        )
         connection = KafkaConnection(bootstrap_servers=broker.address)
         await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
         await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
