@@ -217,6 +217,7 @@ class Worker:
                 error=report.error,
             )
             for report in self._reports.by_source.values()
+            if report.source_id in self.running  # not one being stopped: it may read as ended, and is not
         ]
         return WorkerStatus(
             worker=self.id,
