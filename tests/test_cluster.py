@@ -161,6 +161,9 @@ async def test_a_replay_killed_five_times_is_published_exactly_once_on_a_broker_
         with framelabel_process("run", str(config)) as worker:
             await wait_for_log(worker, "source clip: replay ended", within_s=60)
             assert worker.finish(signal.SIGTERM) == 0, worker.log()
+        with framelabel_process("run", str(config)) as worker:  # the end is recorded where it is read
+            await wait_for_log(worker, "source clip: its replay ended")
+            assert worker.finish(signal.SIGTERM) == 0, worker.log()
         records = await read_committed(broker.address, "frames")
     assert [r.frame_index for r in records] == EXPECTED  # every frame once, in order
     assert any(0 < published < len(EXPECTED) for published in published_at_kills), published_at_kills  # mid-replay

@@ -141,7 +141,7 @@ class Worker:
         return open_source(config.id, config.uri, config, config).policy is DeliveryPolicy.REPLAY and not config.loop
 
     async def _claim(self, source_id: str) -> None:
-        await self._serving()[1].claim(source_id, f"framelabel.{self._group.name}.{source_id}")
+        await self._serving()[1].claim(source_id, self._transactional_id(source_id))
 
     def _start(self, config: SourceConfig, progress: Mapping[str, Any] | None) -> None:
         """Start the source here; a replay after the last frame its progress records (or not at all if it ended)."""
@@ -193,15 +193,24 @@ class Worker:
         await self._serving()[1].release(source_id)  # everything settled first
         last = report.last_published
         value = {"source": source_id, "frame": last.index if last else None, "ended": True, "worker": self.id}
-        await self._send(self._group.progress_topic, source_id, value)
+        await self._record_end(source_id, json.dumps(value).encode())
         log.info("source %s: replay ended after frame %s", source_id, value["frame"])
 
-    async def _send(self, topic: str, key: str, value: Mapping[str, object]) -> None:
-        producer = await started_producer(self._connection, acks="all", enable_idempotence=False)
+    async def _record_end(self, source_id: str, value: bytes) -> None:
+        """In a transaction of the source's own where there are transactions: a broker may hide records written
+        without one from `read_committed` readers (noida-db does), and the progress is read that way then."""
+        options: dict[str, Any] = {"acks": "all", "enable_idempotence": False}
+        if self._transactional:
+            options = {"transactional_id": self._transactional_id(source_id)}
+        producer = await started_producer(self._connection, **options)
         try:
-            await producer.send_and_wait(topic, json.dumps(value).encode(), key=key.encode())
+            async with producer.transaction() if self._transactional else contextlib.nullcontext():
+                await producer.send_and_wait(self._group.progress_topic, value, key=source_id.encode())
         finally:
             await producer.stop()
+
+    def _transactional_id(self, source_id: str) -> str:
+        return f"framelabel.{self._group.name}.{source_id}"
 
     def status(self) -> WorkerStatus:
         sources = [
