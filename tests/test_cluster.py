@@ -327,3 +327,9 @@ async def eventually_async(read: Callable[[], Awaitable[list[DecodedRecord]]], w
 async def _more(address: str, than: int) -> list[DecodedRecord]:
     records = await read_committed(address, "frames")
     return records if len(records) > than else []
+
+
+def test_a_worker_needs_a_shared_broker() -> None:
+    with framelabel_process("run", "--group", "cameras") as worker:
+        assert worker.finish() == 2
+    assert "a group's workers share a Kafka cluster" in worker.log(), worker.log()

@@ -103,13 +103,15 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("sources: []\n", "sources: List should have at least 1 item"),
+        ("sources: []\n", "`sources` must list at least one source"),
         ("sources: [{id: a, uri: x.mp4, fps: -1}]\n", r"sources\.0\.fps: Input should be greater than 0"),
         ("sources: [{id: a, uri: x.mp4, fps: 1, every_nth: 2}]\n", "at most one of `fps` and `every_nth`"),
         ("sources: [{id: a, uri: x.mp4}, {id: a, uri: y.mp4}]\n", "source ids must be unique; repeated: a"),
         ("sources: [{id: a, uri: x.mp4, colour: red}]\n", r"sources\.0\.colour: Extra inputs are not permitted"),
         ("sources: [{id: a, uri: x.mp4}]\nannotator: {kind: grpc}\n", "`targets` must list at least one"),
         ("sources: [{id: a, uri: x.mp4}]\nkafka: {partitions: two}\n", r"kafka\.partitions: Input should be"),
+        ("group: {name: g}\nsources: [{id: a, uri: x.mp4}]\n", "runs the sources of topic framelabel.sources"),
+        ("group: {name: g, delivery: twice}\n", r"group\.delivery: Input should be"),
     ],
 )
 def test_bad_run_configs_name_the_field(tmp_path: Path, yaml_text: str, message: str) -> None:
