@@ -137,18 +137,21 @@ async def read_committed(address: str, topic: str) -> list[DecodedRecord]:
     return records
 
 
+async def sole_worker_of_one_replay(folder: Path, address: str, clip: Path) -> Path:
+    """The catalog holds one replay, `clip`; the config of a sole worker delivering exactly once."""
+    connection = KafkaConnection(bootstrap_servers=address)
+    await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
+    await put_sources(connection, "framelabel.sources", [replay("clip", clip)])
+    return worker_config(folder, address, sole_worker=True, delivery="exactly-once")
+
+
 @pytest.mark.timeout(300)
 async def test_a_replay_killed_five_times_is_published_exactly_once_on_a_broker_with_transactions(
     tmp_path: Path, long_clip: Path, figures: dict[str, object]
 ) -> None:
     """noida-db has transactions (its consumer groups do not settle after a member dies: a sole worker)."""
     with noida_broker(tmp_path / "noida") as broker:
-        config = worker_config(
-            tmp_path, broker.address, sole_worker=True, delivery="exactly-once", session_timeout_ms=SESSION_MS
-        )
-        connection = KafkaConnection(bootstrap_servers=broker.address)
-        await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
-        await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
+        config = await sole_worker_of_one_replay(tmp_path, broker.address, long_clip)
         kills = random.Random()
         published_at_kills = []
         for _ in range(5):
@@ -288,17 +291,12 @@ async def test_a_worker_cut_off_from_the_broker_does_not_publish_what_it_buffere
 
 @pytest.mark.timeout(300)
 async def test_a_frozen_worker_is_fenced_by_the_transactional_id_of_the_replay_taken_from_it(
-    tmp_path: Path, long_clip: Path, figures: dict[str, object]
+    tmp_path: Path, long_clip: Path
 ) -> None:
     """noida-db: a sole worker frozen mid-replay, a second one takes the replay over (fencing the first); the
     first, resumed, commits nothing more: a `read_committed` consumer sees every frame once, in order."""
     with noida_broker(tmp_path / "noida") as broker:
-        config = worker_config(
-            tmp_path, broker.address, sole_worker=True, delivery="exactly-once", session_timeout_ms=SESSION_MS
-        )
-        connection = KafkaConnection(bootstrap_servers=broker.address)
-        await ensure_compacted_topic(connection, "framelabel.sources", SOURCES_PARTITIONS)
-        await put_sources(connection, "framelabel.sources", [replay("clip", long_clip)])
+        config = await sole_worker_of_one_replay(tmp_path, broker.address, long_clip)
         with framelabel_process("run", str(config)) as zombie:
             await wait_for_log(zombie, "source clip: started")
             committed = await eventually_async(lambda: read_committed(broker.address, "frames"), "committed records")
