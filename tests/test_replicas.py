@@ -96,7 +96,8 @@ async def test_a_dead_replica_is_skipped_its_calls_move_at_once_and_it_is_taken_
         skipped_after_s = await calls_through(annotator, codes, lambda: terminate(survivor), survivor.address)
         assert annotator.live_targets == (back.address,)
         figures["replica SIGTERMed (NOT_SERVING): seconds until the client skips it"] = skipped_after_s
-    assert set(codes) == {"OK", "UNAVAILABLE"}
+    # each call that met a replica going away was sent again (a service shutting down may cancel it first)
+    assert set(codes) - {"CANCELLED"} == {"OK", "UNAVAILABLE"}
 
 
 async def test_a_replica_saying_not_serving_is_skipped_though_connected_and_taken_back_when_serving() -> None:

@@ -48,6 +48,8 @@ from services.errors import AnnotatorError, AnnotatorUnavailable, InvalidImageEr
 log = logging.getLogger("framelabel.annotate")
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# a call cut off by its target going away: a service shutting down cancels what it still runs
+GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 DEFAULT_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 5000
 
@@ -240,9 +242,10 @@ class GrpcAnnotator(AnnotatorLifetime):
         if not self._started:
             raise AnnotatorError(f"the gRPC annotator for {self.description} is not started")
         attempts = self.settings.retry_policy.start()
+        cut_off: set[str] = set()  # targets that failed this call: the next try goes to another, if one is live
         async with self._in_flight:
             while True:
-                replica = self._next_replica()
+                replica = self._next_replica(avoid=cut_off)
                 started = time.monotonic()
                 try:
                     response = await replica.annotate(request, self.settings.deadline_seconds, self._metadata)
@@ -255,22 +258,27 @@ class GrpcAnnotator(AnnotatorLifetime):
                 self._observe(code.name, started)
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidImageError(details or "invalid argument") from None
+                cut_off.add(replica.target)
+                if code in GONE and set(self.live_targets) - cut_off:
+                    # its target died, or is shutting down and cancelled the call before its state says so;
+                    # another is up and untried: no failure to count, no backoff to wait
+                    continue
                 if code not in RETRYABLE:
                     raise AnnotatorError(f"{replica.target}: {code.name}: {details}", code.name) from None
-                if code == grpc.StatusCode.UNAVAILABLE and not replica.live and self.live_targets:
-                    continue  # its target died, another is up: no failure to count, no backoff to wait
                 delay = attempts.failed()
                 if not patient or attempts.expired:
                     waited = f" for {attempts.failing_for_s:.0f} s" if patient else ""
                     raise AnnotatorUnavailable(f"{replica.target}: {code.name}{waited}: {details}", code.name) from None
                 await asyncio.sleep(delay)
 
-    def _next_replica(self) -> Replica:
-        """The next live target in turn; with none live, the next in turn (its call then fails or waits)."""
+    def _next_replica(self, avoid: set[str]) -> Replica:
+        """The next live target in turn, not one in `avoid` if another is live; with none live, the next in turn
+        (its call then fails or waits)."""
         turn = next(self._turn)
         count = len(self._replicas)
         in_turn = [self._replicas[(turn + offset) % count] for offset in range(count)]
-        return next((replica for replica in in_turn if replica.live), in_turn[0])
+        live = [replica for replica in in_turn if replica.live]
+        return next((replica for replica in live if replica.target not in avoid), live[0] if live else in_turn[0])
 
     def _observe(self, code: str, started: float) -> None:
         if self._on_call is not None:
