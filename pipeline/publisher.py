@@ -116,8 +116,8 @@ class ProgressLog:
     topic: str
     worker: str
 
-    def record(self, frame: AnnotatedFrame) -> tuple[bytes, bytes]:
-        """The progress record's key and value after `frame` was published."""
+    def record(self, frame: AnnotatedFrame, ended: bool = False) -> tuple[bytes, bytes]:
+        """The progress record's key and value after `frame` was published (the last one, if `ended`)."""
         info = frame.info
         value = {
             "source": info.source_id,
@@ -126,6 +126,7 @@ class ProgressLog:
             "capture_time_ms": info.capture_time_ms,
             "worker": self.worker,
             "at_ms": round(time.time() * 1000),
+            "ended": ended,
         }
         return info.source_id.encode(), json.dumps(value, separators=(",", ":")).encode()
 
@@ -158,6 +159,7 @@ class _SourceLine:
     task: asyncio.Task[None] | None = None
     broken: str | None = None  # why this line's task ended early
     producer: AIOKafkaProducer | None = None  # the source's own transactional producer, once claimed
+    last: AnnotatedFrame | None = None  # the newest frame published through this line
 
 
 class Publisher:
@@ -265,13 +267,21 @@ class Publisher:
             ) from exc
         self._line(source_id).producer = producer
 
-    async def release(self, source_id: str) -> None:
-        """Wait until the source's records are settled (acknowledged, lost or moved), then forget its line."""
+    async def release(self, source_id: str, *, ended: bool = False) -> bool:
+        """Wait until the source's records are settled (acknowledged, lost or moved), then forget its line.
+
+        `ended`: the source read to its end; its progress is recorded as ended (with its own producer, in a
+        transaction if it has one), unless a record of it was not published here or the source has moved.
+        Whether that was recorded."""
         line = self._lines.get(source_id)
         if line is None:
-            return
+            return False
         if line.broken is None:
             await line.idle.wait()
+        recorded = False
+        last = line.last
+        if ended and line.broken is None and last is not None and await self._still_holds(source_id):
+            recorded = await self._record_end(line, last)
         line.broken = line.broken or "released"
         if line.task is not None:
             line.task.cancel()
@@ -279,6 +289,21 @@ class Publisher:
                 await line.task
         del self._lines[source_id]
         await _stop_own_producer(line)
+        return recorded
+
+    async def _still_holds(self, source_id: str) -> bool:
+        return self._ownership is None or await self._ownership.holds(source_id)
+
+    async def _record_end(self, line: _SourceLine, last: AnnotatedFrame) -> bool:
+        if self._progress is None:
+            return False
+        try:
+            async with line.producer.transaction() if line.producer else contextlib.nullcontext():
+                await self._record_progress(line.producer or self._producer, last, ended=True)
+        except KafkaError as exc:
+            log.warning("source %s: its end not recorded: %r", last.info.source_id, exc)
+            return False
+        return True
 
     async def publish(self, frame: AnnotatedFrame) -> None:
         """Queue the frame's record; wait (bounded) while too many records are unsettled.
@@ -453,9 +478,9 @@ class Publisher:
             return [exc] * len(batch)
         return [None] * len(batch)
 
-    async def _record_progress(self, producer: Producer, frame: AnnotatedFrame) -> None:
+    async def _record_progress(self, producer: Producer, frame: AnnotatedFrame, ended: bool = False) -> None:
         assert self._progress is not None
-        key, value = self._progress.record(frame)
+        key, value = self._progress.record(frame, ended)
         try:
             now_ms = round(time.time() * 1000)
             await (await producer.send(self._progress.topic, value, key=key, timestamp_ms=now_ms, headers=[]))
@@ -514,6 +539,7 @@ class Publisher:
         for delivery, error in zip(line.sending, outcomes, strict=True):
             if error is None:
                 self.stats.published += 1
+                line.last = delivery.frame
                 self._free_slots(1)
                 if self._report is not None:
                     self._report.published(delivery.frame, now - delivery.queued_at)

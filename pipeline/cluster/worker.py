@@ -40,7 +40,7 @@ from pipeline.cluster.status import SourceStatus, StatusPublisher, WorkerStatus,
 from pipeline.config import RunConfig, SourceConfig
 from pipeline.frames import DeliveryPolicy
 from pipeline.job import ExitStatus, StopSignals, exit_status, started_stages, stop_runner
-from pipeline.kafka import EMBEDDED, KafkaSettings, client_options, read_latest, started_producer, unreachable
+from pipeline.kafka import EMBEDDED, KafkaSettings, client_options, read_latest, unreachable
 from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import ProgressLog, Publisher, PublishError
 from pipeline.report import RunReports, summary
@@ -184,30 +184,14 @@ class Worker:
         return {source_id: json.loads(saved.value) for source_id, saved in latest.items() if saved.value is not None}
 
     async def lane_ended(self, lane: Lane) -> None:
-        """A replay that read to its end is recorded as ended: no worker starts it again."""
+        """A replay that read to its end here is recorded as ended: no worker starts it again. Not one that was
+        stopped, nor one that moved away while it read on (a worker cut off from Kafka keeps capturing)."""
         report, source_id = lane.report, lane.report.source_id
-        if lane.source.policy is not DeliveryPolicy.REPLAY or report.error or source_id not in self.running:
+        if lane.source.policy is not DeliveryPolicy.REPLAY or report.error or lane.stopping.is_set():
             return
-        if lane.stopping.is_set():
-            return  # stopped, not ended: the next worker resumes it
-        await self._serving()[1].release(source_id)  # everything settled first
-        last = report.last_published
-        value = {"source": source_id, "frame": last.index if last else None, "ended": True, "worker": self.id}
-        await self._record_end(source_id, json.dumps(value).encode())
-        log.info("source %s: replay ended after frame %s", source_id, value["frame"])
-
-    async def _record_end(self, source_id: str, value: bytes) -> None:
-        """In a transaction of the source's own where there are transactions: a broker may hide records written
-        without one from `read_committed` readers (noida-db does), and the progress is read that way then."""
-        options: dict[str, Any] = {"acks": "all", "enable_idempotence": False}
-        if self._transactional:
-            options = {"transactional_id": self._transactional_id(source_id)}
-        producer = await started_producer(self._connection, **options)
-        try:
-            async with producer.transaction() if self._transactional else contextlib.nullcontext():
-                await producer.send_and_wait(self._group.progress_topic, value, key=source_id.encode())
-        finally:
-            await producer.stop()
+        if source_id in self.running and await self._serving()[1].release(source_id, ended=True):
+            last = report.last_published
+            log.info("source %s: replay ended after frame %s", source_id, last.index if last else None)
 
     def _transactional_id(self, source_id: str) -> str:
         return f"framelabel.{self._group.name}.{source_id}"
