@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from aiokafka.partitioner import murmur2
 
 from pipeline.cluster.settings import SOURCES_PARTITIONS
 from pipeline.cluster.status import WorkerStatus, read_status
-from pipeline.kafka import KafkaConnection
+from pipeline.kafka import KafkaConnection, read_latest
 from pipeline.records import DecodedRecord
 from tests.cameras import CLIPS
 from tests.faults import PipelineRun, framelabel_process
@@ -75,19 +76,24 @@ class Cluster:
     def __init__(self, address: str) -> None:
         self.connection = KafkaConnection(bootstrap_servers=address)
         self.workers: list[WorkerStatus] = []
+        self._ended: set[str] = set()
 
     async def refresh(self) -> None:
         now_ms = round(time.time() * 1000)
         self.workers = [
             w for w in await read_status(self.connection, "framelabel.status") if w.health(now_ms) == "alive"
         ]
+        progress = await read_latest(self.connection, "framelabel.progress")
+        self._ended = {source for source, saved in progress.items() if saved.value and json.loads(saved.value)["ended"]}
 
     def running(self) -> dict[str, int]:
         """Source id → the pid of the worker running it (not ended)."""
         return {s.id: w.pid for w in self.workers for s in w.sources if s.state not in ("ended", "failed")}
 
     def ended(self) -> set[str]:
-        return {s.id for w in self.workers for s in w.sources if s.state == "ended"}
+        """The replays recorded as ended in the progress topic: read to their end, every frame published (a
+        worker's own view may say ended of a replay it read on while cut off, which another has taken over)."""
+        return self._ended
 
     def spread(self, workers: int, sources: int) -> bool:
         """`workers` alive, each running its even share of the `sources` (none ended yet)."""

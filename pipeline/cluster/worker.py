@@ -212,6 +212,8 @@ class Worker:
             for report in self._reports.by_source.values()
             if report.source_id in self.running  # not one being stopped: it may read as ended, and is not
         ]
+        if self._membership is not None and not self._membership.current():
+            sources = []  # in a rebalance, or away from the group: what it ran may be another's by now
         return WorkerStatus(
             worker=self.id,
             group=self._group.name,
