@@ -57,7 +57,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.frames import AnnotatedFrame
-from pipeline.kafka import KafkaSettings, client_options, ensure_topic, unreachable
+from pipeline.kafka import KafkaSettings, KafkaUnreachable, client_options, ensure_topic, started_producer, unreachable
 from pipeline.records import KafkaRecord, encode_record
 from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.errors import FramelabelError
@@ -257,14 +257,12 @@ class Publisher:
         """Give the source a transactional producer of its own; starting it fences any older holder of the id.
 
         Raises `PublishError` when the broker has no transactions."""
-        producer = AIOKafkaProducer(**_producer_options(self.settings), transactional_id=transactional_id)
         try:
-            await producer.start()
-        except KafkaError as exc:
-            await producer.stop()
-            raise PublishError(
-                f"Kafka at {self.settings.bootstrap_servers} refused a transactional producer for {source_id}: {exc!r}"
-            ) from exc
+            producer = await started_producer(
+                self.settings, **_batching(self.settings), transactional_id=transactional_id
+            )
+        except KafkaUnreachable as exc:
+            raise PublishError(f"no transactional producer for {source_id}: {exc}") from exc
         self._line(source_id).producer = producer
 
     async def release(self, source_id: str, *, ended: bool = False) -> bool:
@@ -299,11 +297,10 @@ class Publisher:
             return False
         try:
             async with line.producer.transaction() if line.producer else contextlib.nullcontext():
-                await self._record_progress(line.producer or self._producer, last, ended=True)
+                return await self._record_progress(line.producer or self._producer, last, ended=True)
         except KafkaError as exc:
             log.warning("source %s: its end not recorded: %r", last.info.source_id, exc)
             return False
-        return True
 
     async def publish(self, frame: AnnotatedFrame) -> None:
         """Queue the frame's record; wait (bounded) while too many records are unsettled.
@@ -478,16 +475,19 @@ class Publisher:
             return [exc] * len(batch)
         return [None] * len(batch)
 
-    async def _record_progress(self, producer: Producer, frame: AnnotatedFrame, ended: bool = False) -> None:
+    async def _record_progress(self, producer: Producer, frame: AnnotatedFrame, ended: bool = False) -> bool:
+        """Whether the progress was recorded; fenced is raised."""
         assert self._progress is not None
         key, value = self._progress.record(frame, ended)
         try:
             now_ms = round(time.time() * 1000)
             await (await producer.send(self._progress.topic, value, key=key, timestamp_ms=now_ms, headers=[]))
+        except ProducerFenced:
+            raise
         except KafkaError as exc:  # the next batch records newer progress; a resume repeats at most this batch
-            if isinstance(exc, ProducerFenced):
-                raise
             log.warning("source %s: progress not recorded: %r", frame.info.source_id, exc)
+            return False
+        return True
 
     async def _send_records(self, producer: Producer, batch: list[_Delivery]) -> list[BaseException | None]:
         """Hand each record over in order and wait for all; per record, its error or None."""
@@ -579,8 +579,8 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
-def _producer_options(settings: KafkaSettings) -> dict[str, Any]:
-    return client_options(settings) | {
+def _batching(settings: KafkaSettings) -> dict[str, Any]:
+    return {
         "linger_ms": settings.linger_ms,
         "max_batch_size": settings.max_batch_bytes,
         "max_request_size": settings.max_request_bytes,
@@ -589,4 +589,6 @@ def _producer_options(settings: KafkaSettings) -> dict[str, Any]:
 
 
 def _kafka_producer(settings: KafkaSettings) -> AIOKafkaProducer:
-    return AIOKafkaProducer(**_producer_options(settings), acks=settings.acks, enable_idempotence=settings.idempotent)
+    return AIOKafkaProducer(
+        **client_options(settings), **_batching(settings), acks=settings.acks, enable_idempotence=settings.idempotent
+    )

@@ -133,7 +133,6 @@ class SoleMember:
         self._connection = connection
         self._topic = topic
         self._on_change = on_change
-        self.rebalances = 0
 
     def current(self) -> bool:
         return True
@@ -190,11 +189,6 @@ class Membership:
         self._lease_from = -math.inf  # time.monotonic() when the coordinator last heard from us, as far as we know
         self._changed = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
-        self.rebalances = 0
-
-    @property
-    def partitions(self) -> set[int]:
-        return set(self._assignor.held) if self._settled else set()
 
     def current(self) -> bool:
         """Whether the group still counts on this member for what it holds (the lease has not run out)."""
@@ -266,7 +260,6 @@ class Membership:
         # (the publisher's room is shared), so those must flow; `on_change` must forget what it lost before
         # its first await, so that nothing of it is published meanwhile
         self._lease_from = time.monotonic()
-        self.rebalances += 1
         self._settled = True
         self._changed.set()
         if self._lapsed:

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
@@ -71,12 +72,9 @@ class Worker:
         self._publisher: Publisher | None = None
         self._membership: Membership | SoleMember | None = None
 
-    def weights(self) -> dict[int, int]:
+    def weights(self) -> Counter[int]:
         """Partition → the number of sources in it, for the group's assignor."""
-        counts: dict[int, int] = {}
-        for partition, _ in self.catalog.values():
-            counts[partition] = counts.get(partition, 0) + 1
-        return counts
+        return Counter(partition for partition, _ in self.catalog.values())
 
     async def holds(self, source_id: str) -> bool:
         """The publisher's `Ownership`: wait while the group's answer is due; False once the source is gone."""
@@ -197,6 +195,8 @@ class Worker:
         return f"framelabel.{self._group.name}.{source_id}"
 
     def status(self) -> WorkerStatus:
+        # in a rebalance, or away from the group, what it ran may be another's by now: it lists none
+        in_doubt = self._membership is not None and not self._membership.current()
         sources = [
             SourceStatus(
                 id=report.source_id,
@@ -210,10 +210,8 @@ class Worker:
                 error=report.error,
             )
             for report in self._reports.by_source.values()
-            if report.source_id in self.running  # not one being stopped: it may read as ended, and is not
+            if not in_doubt and report.source_id in self.running  # not one being stopped: it may read as ended
         ]
-        if self._membership is not None and not self._membership.current():
-            sources = []  # in a rebalance, or away from the group: what it ran may be another's by now
         return WorkerStatus(
             worker=self.id,
             group=self._group.name,
