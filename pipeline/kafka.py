@@ -7,6 +7,7 @@ Both are validated once, when the run config or the flags are read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -191,6 +192,20 @@ class Latest:
     partition: int
     value: bytes | None  # None: a tombstone, the key was removed
     timestamp_ms: int
+
+
+async def partitions_of(connection: KafkaConnection, topic: str) -> set[int]:
+    """The partitions `topic` has now (none while it does not exist), from a short-lived client's metadata."""
+    reader = AIOKafkaConsumer(**client_options(connection), group_id=None)
+    try:
+        await reader.start()
+        await reader.topics()
+        return set(reader.partitions_for_topic(topic) or ())
+    except KafkaError as exc:
+        raise unreachable(connection, exc) from exc
+    finally:
+        with contextlib.suppress(KafkaError):
+            await reader.stop()
 
 
 async def read_latest(

@@ -39,6 +39,7 @@ from pipeline.kafka import (
     GROUP_SESSION_TIMEOUT_MS,
     KafkaConnection,
     client_options,
+    partitions_of,
     unreachable,
 )
 
@@ -141,16 +142,7 @@ class SoleMember:
         await asyncio.sleep(timeout_s)
 
     async def __aenter__(self) -> SoleMember:
-        consumer = AIOKafkaConsumer(**client_options(self._connection))
-        try:
-            await consumer.start()
-            await consumer.topics()
-            partitions = set(consumer.partitions_for_topic(self._topic) or ())
-        except KafkaError as exc:
-            raise unreachable(self._connection, exc) from exc
-        finally:
-            await consumer.stop()
-        await self._on_change(partitions)
+        await self._on_change(await partitions_of(self._connection, self._topic))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

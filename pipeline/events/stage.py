@@ -19,7 +19,6 @@ group's members share the partitions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from pipeline.kafka import (
     KafkaSettings,
     client_options,
     ensure_topic,
+    partitions_of,
     read_latest,
     started_producer,
     unreachable,
@@ -98,10 +98,10 @@ class EventsStage:
     async def start(self) -> None:
         config = self._config
         await self._wait_for_topic(config.input_topic)
-        input_partitions = await self._partition_count(config.input_topic)
+        input_partitions = len(await partitions_of(self._connection, config.input_topic))
         await ensure_topic(self._settings(config.topic, config.partitions))
         await ensure_topic(self._settings(config.state_topic, input_partitions), {"cleanup.policy": "compact"})
-        state_partitions = await self._partition_count(config.state_topic)
+        state_partitions = len(await partitions_of(self._connection, config.state_topic))
         if state_partitions != input_partitions:
             raise EventsError(
                 f"topic {config.state_topic} has {state_partitions} partitions, {config.input_topic} has "
@@ -316,23 +316,11 @@ class EventsStage:
 
     async def _wait_for_topic(self, topic: str) -> None:
         said = False
-        while await self._partition_count(topic) == 0:
+        while not await partitions_of(self._connection, topic):
             if not said:
                 log.info("events: waiting for topic %s at %s", topic, self._connection.bootstrap_servers)
                 said = True
             await asyncio.sleep(TOPIC_WAIT_S)
-
-    async def _partition_count(self, topic: str) -> int:
-        consumer = AIOKafkaConsumer(**client_options(self._connection), group_id=None)
-        try:
-            await consumer.start()
-            await consumer.topics()
-        except KafkaError as exc:
-            raise unreachable(self._connection, exc) from exc
-        finally:
-            with contextlib.suppress(KafkaError):
-                await consumer.stop()
-        return len(consumer.partitions_for_topic(topic) or ())
 
     def _settings(self, topic: str, partitions: int) -> KafkaSettings:
         return KafkaSettings.model_validate(
