@@ -22,7 +22,7 @@ from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EventTracker, Observation
 from pipeline.frames import AnnotatedFrame, FrameInfo
 from pipeline.kafka import KafkaSettings, ensure_topic
-from pipeline.records import encode_record
+from pipeline.records import KafkaRecord, encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
 from tests.cameras import CLIPS, free_port
@@ -60,12 +60,15 @@ def scene_changes(source_id: str, first: int, count: int, period: int) -> list[A
 
 
 async def publish(address: str, topic: str, frames: Sequence[AnnotatedFrame]) -> None:
+    await publish_records(address, topic, [encode_record(frame, "protobuf") for frame in frames])
+
+
+async def publish_records(address: str, topic: str, records: Sequence[KafkaRecord]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False, acks="all")
     await producer.start()
     try:
         deliveries = []
-        for frame in frames:
-            record = encode_record(frame, "protobuf")
+        for record in records:
             deliveries.append(
                 await producer.send(
                     topic, record.value, key=record.key, timestamp_ms=record.timestamp_ms, headers=record.headers
