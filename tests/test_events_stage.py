@@ -251,6 +251,26 @@ async def test_events_inside_a_run_end_with_the_replay(tmp_path: Path) -> None:
     assert in_order(events) == in_order(expected)
 
 
+async def test_a_run_stopped_by_a_signal_ends_its_open_events_as_run_stopped(tmp_path: Path) -> None:
+    """A looping camera-like source never ends by itself: what is open when SIGTERM stops the run ends once,
+    with RUN_STOPPED (the grace time is too long for any to end on its own first)."""
+    rules = {"rules": [{"match": "*", "enter_threshold": 0.05, "exit_threshold": 0.01, "grace_seconds": 600}]}
+    async with kafka_broker() as broker:
+        sources = [{"id": "bunny", "uri": str(BUNNY), "realtime": True, "loop": True, "every_nth": 5}]
+        config_file = write_run_config(tmp_path, broker.address, sources, events=rules)
+        async with EventReader(broker.address, "framelabel.events") as reader:
+            with pipeline_run(config_file) as run:
+                await eventually(lambda: any(e.state == START for e in reader.events), "an event to start")
+                assert await run.end(signal.SIGTERM) == 0, run.log()
+            started = {e.event_id for e in reader.events if e.state == START}
+            await eventually(
+                lambda: {e.event_id for e in reader.events if e.state == END} >= started, "every event to end"
+            )
+    ends = [e for e in reader.events if e.state == END]
+    assert sorted(e.event_id for e in ends) == sorted(started)  # each once
+    assert {e.end_reason for e in ends} == {AnnotationEvent.RUN_STOPPED}
+
+
 @pytest.fixture
 def scene_change(tmp_path: Path) -> Path:
     """A clip with a known change of scene: 100 frames of a man in a car, then 132 of the cartoon rabbit."""
