@@ -184,6 +184,45 @@ async def test_events_on_tansu_are_at_least_once_and_a_restart_resumes(tmp_path:
         assert gate[:3] == [("dog", "START"), ("cat", "START"), ("dog", "END")]  # the grace time overlaps the change
 
 
+async def test_events_on_tansu_killed_three_times_repeat_only_with_the_same_ids(tmp_path: Path) -> None:
+    """At least once: SIGKILLed mid-work and restarted, the stage may send a batch's messages again, each the
+    same message with the same (event_id, sequence); none is lost."""
+    frames = [frame for source in ("a", "b") for frame in scene_changes(source, 0, 400, period=30)]
+    frames.sort(key=lambda frame: frame.info.index)
+    async with kafka_broker() as broker:
+        await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=2))
+        await publish(broker.address, "frames", frames)
+        config_file = write_config(tmp_path, broker.address, "frames", batch_records=10, offline_after_seconds=5)
+        expected = expected_events(EventsConfig.model_validate(RULES | {"input_topic": "frames"}), frames)
+        kills = random.Random()
+        seen_at_kills = []
+        async with EventReader(broker.address, "frames.events") as reader:
+
+            def distinct() -> dict[tuple[str, int], AnnotationEvent]:
+                return {(event.event_id, event.sequence): event for event in reader.events}
+
+            for _ in range(3):
+                before = len(distinct())
+                with framelabel_process("events", str(config_file)) as stage:
+                    await wait_for_line(stage, "at least once")
+                    # awaited within this iteration, so the lambda's `before` is this iteration's
+                    await eventually(lambda: len(distinct()) > before, "new events from this start")  # noqa: B023
+                    await asyncio.sleep(kills.uniform(0.0, 0.2))  # a random point of its work, not a synchronisation
+                    stage.process.kill()
+                    stage.finish()
+                seen_at_kills.append(len(distinct()))
+                if seen_at_kills[-1] == len(expected):
+                    break
+            with framelabel_process("events", str(config_file)) as stage:
+                await wait_for_line(stage, "at least once")
+                await eventually(lambda: len(distinct()) >= len(expected), f"{len(expected)} events")
+                assert stage.finish(signal.SIGTERM) == 0
+    assert any(0 < seen < len(expected) for seen in seen_at_kills), seen_at_kills  # killed mid-work
+    once = distinct()
+    assert in_order(list(once.values())) == in_order(expected)
+    assert all(event == once[event.event_id, event.sequence] for event in reader.events)  # a repeat is the same
+
+
 async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp_path: Path) -> None:
     frames = [frame for source in ("a", "b", "c") for frame in scene_changes(source, 0, 400, period=30)]
     frames.sort(key=lambda frame: frame.info.index)  # the sources interleaved, each in its own order
