@@ -1,4 +1,5 @@
-"""`framelabel consume` as a user runs it: a group that resumes, a topic waited for, filtered records, bad values."""
+"""`framelabel consume` as a user runs it: a group that resumes, a topic waited for, filtered records, events,
+bad values."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import json
 import subprocess
 from pathlib import Path
 
+from pipeline.events.record import EVENT_PROTOBUF_CONTENT_TYPE, encode_event, event_json
+from pipeline.events.settings import EventsConfig
 from pipeline.kafka import KafkaSettings, ensure_topic
+from pipeline.records import header_texts
+from services.api.event_pb2 import AnnotationEvent
 from tests.faults import eventually, framelabel_process
 from tests.helpers import FRAMELABEL
-from tests.kafka import kafka_broker
-from tests.test_events_stage import publish, scored_frame
+from tests.kafka import kafka_broker, raw_records
+from tests.test_events_stage import RULES, expected_events, publish, publish_records, scene_changes, scored_frame
 
 
 def consumed(stdout: list[str]) -> list[tuple[str, int, list[str]]]:
@@ -45,3 +50,40 @@ async def test_consume_waits_for_its_topic_filters_records_and_resumes_in_a_grou
         with framelabel_process(*command, "--max", "1") as again:
             assert await again.end() == 0
         assert consumed(again.stdout) == [("cam", 6, ["cat"])]  # the group resumed after what it had read
+
+
+async def test_consume_prints_events_in_either_value_format_filtered_by_their_peak() -> None:
+    # dog (0.8) and cat (0.7) take turns: their events, START and END, the last ones ended as offline
+    events = expected_events(EventsConfig.model_validate(RULES), scene_changes("gate", 0, 80, period=25))
+    assert {e.label for e in events} == {"dog", "cat"}
+    async with kafka_broker() as broker:
+        await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames.events", partitions=1))
+        formats = ("protobuf", "json")
+        await publish_records(
+            broker.address, "frames.events", [encode_event(e, formats[i % 2]) for i, e in enumerate(events)]
+        )
+        raw = (await raw_records(broker.address, "frames.events", 2))[:2]
+        command = ["consume", "--bootstrap", broker.address, "--topic", "frames.events", "--from-beginning"]
+        with framelabel_process(*command, "--max", str(len(events)), "--idle-timeout", "10") as every:
+            assert await every.end() == 0
+        dogs = [e for e in events if e.label == "dog"]
+        with framelabel_process(*command, "--min-confidence", "0.75", "--idle-timeout", "2") as sure:
+            assert await sure.end() == 0
+    # the headers say what each value holds, and which event and frame it is about, as on the annotation records
+    content_types = (EVENT_PROTOBUF_CONTENT_TYPE, "application/json")
+    for record, event, content_type in zip(raw, events[:2], content_types, strict=True):
+        assert (record.key, record.timestamp) == (b"gate", event.at_time_ms)
+        assert header_texts(record.headers) == {
+            "source_id": "gate",
+            "frame_index": str(event.at_frame_index),
+            "capture_time_ms": str(event.at_time_ms),
+            "content_type": content_type,
+            "event_id": event.event_id,
+            "event_state": "START",
+        }
+    assert [json.loads(line) for line in every.stdout] == as_printed(events), every.log()
+    assert [json.loads(line) for line in sure.stdout] == as_printed(dogs), sure.log()
+
+
+def as_printed(events: list[AnnotationEvent]) -> list[dict[str, object]]:
+    return [json.loads(json.dumps(event_json(event))) for event in events]

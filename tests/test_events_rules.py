@@ -108,6 +108,23 @@ def test_a_time_window_behaves_alike_at_different_frame_rates() -> None:
     assert times_at(25) == (1200, 3120, 3560)
 
 
+def test_a_gap_in_a_sources_frames_is_judged_by_capture_time() -> None:
+    rule = Rule(enter_threshold=0.5, window_seconds=0.4, grace_seconds=1.0, update_interval_seconds=None)
+    seen = frames([0.9] * 5)  # frames 0-4, t = 0-400 ms at 10 fps; then nothing until frame 35 (t = 3.5 s)
+    # the first frame after a gap longer than the grace time ends the event, at the last frame before the gap
+    gone = run(EventTracker(only(rule), "c"), seen + frames([0.0] * 2, first=35))
+    assert summary(gone) == [("START", 0, 0, 0), ("END", 0, 4, 35)]
+    assert gone[-1].end_time_ms == T0 + 400
+    # the label there again after the gap: the same event goes on; the window (0.4 s) holds only frames after
+    # the gap, so it still holds the label on frame 38 (3 of 4) and not on 39 (2 of 4); 49 is 1.1 s after 38
+    back = run(EventTracker(only(rule), "c"), seen + frames([0.9] * 3, first=35) + frames([0.0] * 12, first=38))
+    assert summary(back) == [("START", 0, 0, 0), ("END", 0, 38, 49)]
+    assert back[-1].frames == 9
+    # a gap shorter than the grace time ends nothing by itself: the end comes 1 s after frame 4, on frame 15
+    short = run(EventTracker(only(rule), "c"), seen + frames([0.0] * 6, first=12))
+    assert summary(short) == [("START", 0, 0, 0), ("END", 0, 4, 15)]
+
+
 def test_an_event_shorter_than_min_duration_is_never_published() -> None:
     rule = Rule(enter_threshold=0.5, grace_seconds=0, min_duration_seconds=0.5, update_interval_seconds=None)
     assert run(EventTracker(only(rule), "c"), frames([0.9] * 5 + [0.0])) == []

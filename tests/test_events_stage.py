@@ -22,7 +22,7 @@ from pipeline.events.settings import EventsConfig
 from pipeline.events.tracker import EventTracker, Observation
 from pipeline.frames import AnnotatedFrame, FrameInfo
 from pipeline.kafka import KafkaSettings, ensure_topic
-from pipeline.records import encode_record
+from pipeline.records import KafkaRecord, encode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassAnnotation, ClassifierSpecification, Label
 from tests.cameras import CLIPS, free_port
@@ -60,12 +60,15 @@ def scene_changes(source_id: str, first: int, count: int, period: int) -> list[A
 
 
 async def publish(address: str, topic: str, frames: Sequence[AnnotatedFrame]) -> None:
+    await publish_records(address, topic, [encode_record(frame, "protobuf") for frame in frames])
+
+
+async def publish_records(address: str, topic: str, records: Sequence[KafkaRecord]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=address, enable_idempotence=False, acks="all")
     await producer.start()
     try:
         deliveries = []
-        for frame in frames:
-            record = encode_record(frame, "protobuf")
+        for record in records:
             deliveries.append(
                 await producer.send(
                     topic, record.value, key=record.key, timestamp_ms=record.timestamp_ms, headers=record.headers
@@ -181,6 +184,45 @@ async def test_events_on_tansu_are_at_least_once_and_a_restart_resumes(tmp_path:
         assert gate[:3] == [("dog", "START"), ("cat", "START"), ("dog", "END")]  # the grace time overlaps the change
 
 
+async def test_events_on_tansu_killed_three_times_repeat_only_with_the_same_ids(tmp_path: Path) -> None:
+    """At least once: SIGKILLed mid-work and restarted, the stage may send a batch's messages again, each the
+    same message with the same (event_id, sequence); none is lost."""
+    frames = [frame for source in ("a", "b") for frame in scene_changes(source, 0, 400, period=30)]
+    frames.sort(key=lambda frame: frame.info.index)
+    async with kafka_broker() as broker:
+        await ensure_topic(KafkaSettings(bootstrap_servers=broker.address, topic="frames", partitions=2))
+        await publish(broker.address, "frames", frames)
+        config_file = write_config(tmp_path, broker.address, "frames", batch_records=10, offline_after_seconds=5)
+        expected = expected_events(EventsConfig.model_validate(RULES | {"input_topic": "frames"}), frames)
+        kills = random.Random()
+        seen_at_kills = []
+        async with EventReader(broker.address, "frames.events") as reader:
+
+            def distinct() -> dict[tuple[str, int], AnnotationEvent]:
+                return {(event.event_id, event.sequence): event for event in reader.events}
+
+            for _ in range(3):
+                before = len(distinct())
+                with framelabel_process("events", str(config_file)) as stage:
+                    await wait_for_line(stage, "at least once")
+                    # awaited within this iteration, so the lambda's `before` is this iteration's
+                    await eventually(lambda: len(distinct()) > before, "new events from this start")  # noqa: B023
+                    await asyncio.sleep(kills.uniform(0.0, 0.2))  # a random point of its work, not a synchronisation
+                    stage.process.kill()
+                    stage.finish()
+                seen_at_kills.append(len(distinct()))
+                if seen_at_kills[-1] == len(expected):
+                    break
+            with framelabel_process("events", str(config_file)) as stage:
+                await wait_for_line(stage, "at least once")
+                await eventually(lambda: len(distinct()) >= len(expected), f"{len(expected)} events")
+                assert stage.finish(signal.SIGTERM) == 0
+    assert any(0 < seen < len(expected) for seen in seen_at_kills), seen_at_kills  # killed mid-work
+    once = distinct()
+    assert in_order(list(once.values())) == in_order(expected)
+    assert all(event == once[event.event_id, event.sequence] for event in reader.events)  # a repeat is the same
+
+
 async def test_exactly_once_on_a_broker_with_transactions_through_five_kills(tmp_path: Path) -> None:
     frames = [frame for source in ("a", "b", "c") for frame in scene_changes(source, 0, 400, period=30)]
     frames.sort(key=lambda frame: frame.info.index)  # the sources interleaved, each in its own order
@@ -246,6 +288,26 @@ async def test_events_inside_a_run_end_with_the_replay(tmp_path: Path) -> None:
     assert len(annotations) == 66
     assert any(e.end_reason == AnnotationEvent.SOURCE_ENDED for e in expected)
     assert in_order(events) == in_order(expected)
+
+
+async def test_a_run_stopped_by_a_signal_ends_its_open_events_as_run_stopped(tmp_path: Path) -> None:
+    """A looping camera-like source never ends by itself: what is open when SIGTERM stops the run ends once,
+    with RUN_STOPPED (the grace time is too long for any to end on its own first)."""
+    rules = {"rules": [{"match": "*", "enter_threshold": 0.05, "exit_threshold": 0.01, "grace_seconds": 600}]}
+    async with kafka_broker() as broker:
+        sources = [{"id": "bunny", "uri": str(BUNNY), "realtime": True, "loop": True, "every_nth": 5}]
+        config_file = write_run_config(tmp_path, broker.address, sources, events=rules)
+        async with EventReader(broker.address, "framelabel.events") as reader:
+            with pipeline_run(config_file) as run:
+                await eventually(lambda: any(e.state == START for e in reader.events), "an event to start")
+                assert await run.end(signal.SIGTERM) == 0, run.log()
+            started = {e.event_id for e in reader.events if e.state == START}
+            await eventually(
+                lambda: {e.event_id for e in reader.events if e.state == END} >= started, "every event to end"
+            )
+    ends = [e for e in reader.events if e.state == END]
+    assert sorted(e.event_id for e in ends) == sorted(started)  # each once
+    assert {e.end_reason for e in ends} == {AnnotationEvent.RUN_STOPPED}
 
 
 @pytest.fixture
