@@ -148,6 +148,7 @@ def test_ready_once_every_source_opened_and_healthy(monitored: MonitoredRun) -> 
     body = monitored.get("/readyz")[1]
     assert json.loads(body) == {"ready": True, "checks": {"kafka": True, "annotator": True, "sources": True}}
     assert monitored.get("/healthz") == (200, "ok\n")
+    assert f"monitoring on {monitored.url}: " in monitored.run.log()  # loopback: no host was given
 
 
 def test_status_lists_every_source_with_its_state(monitored: MonitoredRun) -> None:
