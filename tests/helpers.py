@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import simplejpeg
+from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
 from services.api.image_classifier_pb2 import AnnotationRequest
@@ -39,6 +40,25 @@ def http_get(url: str) -> tuple[int, str]:
         return 0, str(error.reason)
     except ConnectionError as error:  # a server still starting may reset the connection
         return 0, str(error)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted labels) → value
+
+
+def parse_metrics(exposition: str) -> Samples:
+    """Prometheus's text format, read by prometheus-client's own parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def scrape(url: str) -> Samples:
+    """GET `url`/metrics, parsed."""
+    status, body = http_get(url + "/metrics")
+    assert status == 200, body
+    return parse_metrics(body)
 
 
 def photo(name: str) -> np.ndarray:

@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from pipeline.broker import BrokerError, EmbeddedBroker
 from pipeline.consumer import ConsumeError, consume
 from pipeline.frames import AnnotatedFrame
 from pipeline.kafka import KafkaSettings, KafkaUnreachable
+from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import Publisher, PublishError
 from pipeline.records import (
     JSON_CONTENT_TYPE,
@@ -33,7 +35,7 @@ from pipeline.records import (
 )
 from services.api.image_classifier_pb2 import AnnotationResponse
 from tests.cameras import free_port
-from tests.helpers import within
+from tests.helpers import parse_metrics, within
 from tests.kafka import (
     DEADLINE_S,
     Deliveries,
@@ -292,6 +294,12 @@ async def test_records_given_up_make_flush_fail_loudly(
             with pytest.raises(PublishError, match="3 records were not delivered"):
                 await publisher.flush()
         assert (publisher.stats.published, publisher.stats.lost, publisher.stats.retried) == (1, 3, 3)
+        metrics = PipelineMetrics()  # what a run's /metrics shows of its publisher
+        metrics.watch_publisher(publisher)
+        scraped = parse_metrics(generate_latest(metrics.registry).decode())
+        assert scraped[("framelabel_kafka_resends_total", ())] == 3
+        assert scraped[("framelabel_kafka_delivery_failures_total", ())] == 3
+        assert scraped[("framelabel_kafka_records_unsettled", ())] == 0
     lost_lines = [message for message in caplog.messages if " lost (" in message]
     assert len(lost_lines) == 1  # one line for the batch, not one per record
     assert lost_lines[0].startswith("3 records of cam-b lost (frames 1–3): not delivered after 2 attempts")

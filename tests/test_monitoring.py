@@ -27,11 +27,11 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.annotators.grpc_client import GrpcAnnotator, GrpcSettings
 from pipeline.consumer import consume
+from pipeline.metrics import PipelineMetrics
 from pipeline.records import DecodedRecord
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.api.image_pb2 import Image
@@ -40,7 +40,7 @@ from services.errors import ConfigError, InvalidImageError
 from services.monitoring import MonitoringServer
 from tests.cameras import CLIPS, Camera, free_port, listening, rtsp_camera, wait_until
 from tests.faults import PipelineRun, pipeline_run, write_run_config
-from tests.helpers import FRAMELABEL, ServiceProcess, http_get, jpeg, photo
+from tests.helpers import FRAMELABEL, Samples, ServiceProcess, http_get, jpeg, parse_metrics, photo, scrape
 from tests.kafka import connection
 
 CLIP = CLIPS / "bigbuckbunny.mp4"
@@ -70,19 +70,8 @@ class MonitoredRun:
         assert status == 200, body
         return {source["id"]: source for source in json.loads(body)}
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return self.metrics_at(self.url)
-
-    @staticmethod
-    def metrics_at(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """A scrape, parsed by prometheus-client's own parser: (name, sorted labels) → value."""
-        status, body = http_get(url + "/metrics")
-        assert status == 200, body
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body)
-            for sample in family.samples
-        }
+    def metrics(self) -> Samples:
+        return scrape(self.url)
 
     def wait_for_the_clip(self) -> None:
         """Until the clip is read to its end and Kafka has acknowledged every record of it."""
@@ -159,6 +148,7 @@ def test_ready_once_every_source_opened_and_healthy(monitored: MonitoredRun) -> 
     body = monitored.get("/readyz")[1]
     assert json.loads(body) == {"ready": True, "checks": {"kafka": True, "annotator": True, "sources": True}}
     assert monitored.get("/healthz") == (200, "ok\n")
+    assert f"monitoring on {monitored.url}: " in monitored.run.log()  # loopback: no host was given
 
 
 def test_status_lists_every_source_with_its_state(monitored: MonitoredRun) -> None:
@@ -192,8 +182,13 @@ def test_a_scrape_agrees_with_the_topic_and_the_status(monitored: MonitoredRun) 
     assert metrics[("framelabel_capture_to_published_seconds_count", clip)] == CLIP_FRAMES
     for stage in ("encode", "annotate", "kafka_ack"):
         assert metrics[("framelabel_stage_seconds_count", (("source", "clip"), ("stage", stage)))] == CLIP_FRAMES
+    # every frame read is decoded, sampled or not
+    assert metrics[("framelabel_stage_seconds_count", (("source", "clip"), ("stage", "decode")))] == status["read"]
     assert metrics[("framelabel_source_up", (("source", "gate"),))] == 1.0
+    assert metrics[("framelabel_source_last_published_age_seconds", clip)] > 0.0
     assert metrics[("framelabel_kafka_delivery_failures_total", ())] == 0.0
+    assert metrics[("framelabel_kafka_resends_total", ())] == 0.0
+    assert metrics[("framelabel_kafka_records_unsettled", ())] >= 0.0
 
 
 async def clip_records(broker: str) -> list[DecodedRecord]:
@@ -238,10 +233,13 @@ def test_live_view_in_chromium(monitored: MonitoredRun) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    up = ("framelabel_source_up", (("source", "gate"),))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(monitored.url + "/")
             clip, gate = page.locator('[data-source="clip"]'), page.locator('[data-source="gate"]')
             expect(clip).to_be_visible(timeout=10_000)
@@ -257,17 +255,25 @@ def test_live_view_in_chromium(monitored: MonitoredRun) -> None:
             expect(gate).to_have_attribute("data-state", "reconnecting", timeout=10_000)
             expect(gate.locator(".badge")).to_have_text("offline")
             page.screenshot(path=str(ARTEFACTS / "2-camera-offline.png"))
+            assert monitored.metrics()[up] == 0.0
+            assert SECRET not in page.content()  # the tile shows the camera's error now
 
             with rtsp_camera(monitored.camera_clip, monitored.camera_port):
                 expect(gate).to_have_attribute("data-state", "live", timeout=20_000)
                 expect(gate.locator(".labels li").first).to_be_visible()
                 page.screenshot(path=str(ARTEFACTS / "3-camera-back.png"))
+                metrics = monitored.metrics()
+                assert metrics[up] == 1.0
+                assert metrics[("framelabel_source_reconnects_total", (("source", "gate"),))] >= 1
                 phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
                 phone.goto(monitored.url + "/")
                 expect(phone.locator('[data-source="gate"]')).to_be_visible(timeout=10_000)
                 phone.screenshot(path=str(ARTEFACTS / "4-phone.png"), full_page=True)
         finally:
             browser.close()
+    # no CDN: the page, its script, style, stream and images all come from the run itself
+    assert requested
+    assert all(url.startswith(monitored.url + "/") for url in requested), requested
 
 
 def test_credentials_in_a_camera_url_show_nowhere(monitored: MonitoredRun) -> None:
@@ -289,6 +295,23 @@ def test_the_summary_agrees_with_the_last_scrape(monitored: MonitoredRun) -> Non
     assert SECRET not in "".join(monitored.run.stdout)
 
 
+def test_not_ready_while_kafka_is_not_there(tmp_path: Path) -> None:
+    """The port answers from the start: alive, and not ready while the run still waits for its broker."""
+    metrics_port = free_port()
+    sources = [{"id": "clip", "uri": str(CLIP)}]
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    kafka = {"connect_timeout_ms": 120_000}
+    config = write_run_config(tmp_path, nobody, sources, kafka=kafka, metrics={"port": metrics_port})
+    url = f"http://127.0.0.1:{metrics_port}"
+    with pipeline_run(config) as run:
+        wait_until(lambda: listening(metrics_port), "the monitoring port to answer", WAIT_S)
+        assert http_get(url + "/healthz") == (200, "ok\n")
+        status, body = http_get(url + "/readyz")
+        assert status == 503, body
+        assert json.loads(body) == {"ready": False, "checks": {"kafka": False, "annotator": False, "sources": False}}
+        run.finish(signal.SIGTERM)
+
+
 def test_off_loopback_without_a_token_is_refused() -> None:
     env = {name: value for name, value in os.environ.items() if name != "FRAMELABEL_HTTP_TOKEN"}
     result = subprocess.run(
@@ -308,21 +331,26 @@ async def test_the_service_counts_requests_and_the_client_its_calls(
 ) -> None:
     metrics_port = free_port()
     service = service_factory("--classifier", "imagenet", "--metrics-port", str(metrics_port))
-    calls: list[tuple[str, float]] = []
+    url = f"http://127.0.0.1:{metrics_port}"
+    assert http_get(url + "/healthz") == (200, "ok\n")
+    assert http_get(url + "/readyz")[0] == 200  # the factory returns a service that answers
+    run = PipelineMetrics()  # what a run's /metrics serves of its gRPC client
     settings = GrpcSettings(targets=(service.address,), connect_timeout_seconds=WAIT_S)
-    async with GrpcAnnotator(settings, on_call=lambda code, seconds: calls.append((code, seconds))) as annotator:
+    async with GrpcAnnotator(settings, on_call=run.grpc_call) as annotator:
         await annotator.annotate(AnnotationRequest(image=Image(content=jpeg(photo("coffee")), image_type=Image.JPEG)))
         with pytest.raises(InvalidImageError):
             await annotator.annotate(AnnotationRequest(image=Image(content=b"not an image", image_type=Image.JPEG)))
-    assert [code for code, _ in calls] == ["OK", "INVALID_ARGUMENT"]
-    url = f"http://127.0.0.1:{metrics_port}"
+    client = parse_metrics(generate_latest(run.registry).decode())
+    assert client[("framelabel_grpc_client_calls_total", (("code", "OK"),))] == 1
+    assert client[("framelabel_grpc_client_calls_total", (("code", "INVALID_ARGUMENT"),))] == 1
+    assert client[("framelabel_grpc_client_call_seconds_count", ())] == 2
     answered = ("framelabel_service_request_seconds_count", ())
     # the service counts a call as it returns, a moment after the client has its answer
-    wait_until(lambda: MonitoredRun.metrics_at(url)[answered] == 2, "the service to count both calls")
-    scrape = MonitoredRun.metrics_at(url)
-    assert scrape[("framelabel_service_requests_total", (("code", "OK"),))] == 1
-    assert scrape[("framelabel_service_requests_total", (("code", "INVALID_ARGUMENT"),))] == 1
-    assert scrape[("framelabel_service_requests_in_flight", ())] == 0
+    wait_until(lambda: scrape(url)[answered] == 2, "the service to count both calls")
+    service_metrics = scrape(url)
+    assert service_metrics[("framelabel_service_requests_total", (("code", "OK"),))] == 1
+    assert service_metrics[("framelabel_service_requests_total", (("code", "INVALID_ARGUMENT"),))] == 1
+    assert service_metrics[("framelabel_service_requests_in_flight", ())] == 0
 
 
 async def test_a_token_guards_everything_but_the_metrics_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:

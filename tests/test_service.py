@@ -21,7 +21,8 @@ from services.api.image_classifier_pb2 import AnnotationResponse, ClassifierSpec
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api.image_pb2 import Image
 from services.classifier import Classifier
-from tests.helpers import ServiceProcess, jpeg, photo, request
+from tests.cameras import free_port
+from tests.helpers import ServiceProcess, jpeg, photo, request, scrape
 from tests.test_imaging import png, png_bomb, with_jpeg_size
 
 PROTO_ROOT = Path(__file__).resolve().parents[1] / "services" / "protos"
@@ -195,7 +196,8 @@ def test_dynamic_batching_answers_as_single_calls_do(
 ) -> None:
     config = tmp_path / "service.yaml"
     config.write_text("batching: {max_batch: 4, max_wait_ms: 50}\n")
-    service = service_factory("--config", str(config))
+    metrics_port = free_port()
+    service = service_factory("--config", str(config), "--metrics-port", str(metrics_port))
     assert any("batching=≤4" in line for line in service.log)
     photos = [jpeg(photo(name)) for name in ("coffee", "chelsea", "rocket", "astronaut")] * 3
     with grpc.insecure_channel(service.address) as channel:
@@ -210,3 +212,11 @@ def test_dynamic_batching_answers_as_single_calls_do(
         single = classifiers["imagenet"].annotate(request(content))
         assert response.annotations[0].label.name == single.annotations[0].label.name
         assert response.annotations[0].confidence == pytest.approx(single.annotations[0].confidence, abs=1e-4)
+    # every image that decoded went through one batch of at most 4 (the one that did not, through none)
+    batches = scrape(f"http://127.0.0.1:{metrics_port}")
+    assert batches[("framelabel_service_batch_size_sum", ())] == len(photos)
+    assert batches[("framelabel_service_batch_size_count", ())] >= len(photos) / 4
+    assert (
+        batches[("framelabel_service_batch_size_bucket", (("le", "4.0"),))]
+        == batches[("framelabel_service_batch_size_count", ())]
+    )
