@@ -34,7 +34,7 @@ FIXED_PORTS = ("8554", "9092", "9100")
 SERVED_PORT = re.compile(r"(?<![\w-])--port (\d+)")  # what a background line listens on
 COMMAND_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
-PEOPLE_AND_VEHICLES = {"person", "bicycle", "car", "bus", "truck", "motorbike"}  # Darknet's names
+PEOPLE_AND_VEHICLES = {"person", "bicycle", "car", "bus", "truck", "motorcycle"}
 
 
 def quickstarts() -> dict[str, tuple[str, str]]:

@@ -331,11 +331,18 @@ def check_against_numpy(model: onnx.ModelProto, layers: list[Section], convs: di
     print(f"onnxruntime matches the numpy reference on {len(photos)} photos: max |diff| = {worst:.1e}")
 
 
+def _label(darknet_name: str) -> dict[str, str]:
+    """The official COCO name, which users write in rules and filters; Darknet's own in the description."""
+    name = COCO_NAMES.get(darknet_name, darknet_name)
+    described = f"COCO: {name}" if name == darknet_name else f"COCO: {name} (Darknet: {darknet_name})"
+    return {"name": name, "description": described}
+
+
 def write_labels(names_text: str, out_dir: Path) -> None:
     names = [line.strip() for line in names_text.splitlines() if line.strip()]
     if len(names) != 80 or len(set(names)) != 80:
         raise SystemExit(f"coco.names has {len(names)} names ({len(set(names))} distinct), expected 80")
-    labels = [{"name": name, "description": f"COCO: {COCO_NAMES.get(name, name)}"} for name in names]
+    labels = [_label(name) for name in names]
     (out_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     print(f"wrote {len(labels)} labels")
 
