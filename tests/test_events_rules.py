@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import replace
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline.events.rules import MULTI_LABEL_DEFAULT, EventRules
+from pipeline.events.settings import EventsConfig
+from pipeline.events.stage import event_defaults
 from pipeline.events.tracker import EventTracker, Observation
 from services.api.event_pb2 import AnnotationEvent
 from services.config import LabelRule, Rule, load_catalog
@@ -257,10 +260,21 @@ def test_the_objects_classifier_declares_a_low_person_threshold_and_a_higher_one
     declared = load_catalog().classifiers["objects"].event_defaults
     person = EventRules().rule_for("person", False, declared)
     car = EventRules().rule_for("car", False, declared)
-    assert person is not None and car is not None
+    assert person is not None
+    assert car is not None
     assert (person.enter_threshold, person.exit, person.window_seconds, person.min_start_seconds) == (0.3, 0.2, 1, 0.5)
     assert person.enter_threshold < car.enter_threshold < MULTI_LABEL_DEFAULT.enter_threshold
     assert load_catalog().classifiers["imagenet"].event_defaults == ()
+
+
+def test_the_stage_knows_the_event_defaults_of_its_classifiers_file_and_the_built_in_ones(tmp_path: Path) -> None:
+    mine = {"family": "open_nsfw", "classification_type": "MULTI_CLASS", "model": "m.onnx", "labels": [{"name": "a"}]}
+    path = tmp_path / "classifiers.yaml"
+    path.write_text(json.dumps({"classifiers": {"mine": mine | {"event_defaults": [{"match": "a"}]}, "plain": mine}}))
+    known = event_defaults(EventsConfig(classifiers_file=path))
+    assert known["mine"] == (LabelRule(match="a"),)
+    assert known["objects"] == load_catalog().classifiers["objects"].event_defaults
+    assert "plain" not in known
 
 
 def test_multi_class_and_multi_label_defaults_apply_by_the_records_type() -> None:
