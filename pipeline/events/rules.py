@@ -53,16 +53,16 @@ class EventRules(StrictModel):
         """The rule for `label`; None when the label is to be ignored.
 
         `classifier_defaults`: the `event_defaults` of the classifier that annotated the frame."""
-        if (rule := first_match(self.rules, label)) is not None:
+        if (rule := _first_match(self.rules, label)) is not None:
             return rule
         if self.other_labels == "ignore":
             return None
-        if (rule := first_match(classifier_defaults, label)) is not None:
+        if (rule := _first_match(classifier_defaults, label)) is not None:
             return rule
         return self.multi_class if multi_class else self.multi_label
 
 
-def first_match(rules: Iterable[LabelRule], label: str) -> LabelRule | None:
+def _first_match(rules: Iterable[LabelRule], label: str) -> LabelRule | None:
     return next((rule for rule in rules if _matches(rule.match, label)), None)
 
 
