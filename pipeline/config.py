@@ -83,6 +83,14 @@ class AnnotatorConfig(StrictModel):
         "that answer the check with an error",
     )
 
+    @property
+    def classifier_name(self) -> str | None:
+        """The classifier that annotates, for each record's `classifier` header: in-process always; over gRPC
+        the one the config names, if it does (the service's own default is not known here)."""
+        if self.kind == "in-process" or "classifier" in self.model_fields_set:
+            return self.classifier
+        return None
+
     @model_validator(mode="after")
     def _targets_for_grpc(self) -> AnnotatorConfig:
         if self.kind == "grpc" and not self.targets:
@@ -178,7 +186,8 @@ def load_run_config(path: Path | None, flags: Mapping[str, Any]) -> RunConfig:
     data["annotator"] = annotator
     data["kafka"] = kafka_section(data.get("kafka"), base, flags)
     if data.get("events") is not None:
-        data["events"] = events_section(data["events"], data["kafka"].get("topic", DEFAULT_TOPIC))
+        topic = data["kafka"].get("topic", DEFAULT_TOPIC)
+        data["events"] = events_section(data["events"], topic, base, annotator.get("classifiers_file"))
     apply_metrics_flags(data, flags.get("metrics_port"), flags.get("metrics_host"))
     return validate(RunConfig, data, str(path or "the command line"))
 

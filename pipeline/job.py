@@ -245,7 +245,9 @@ async def started_stages(
         settings = await stack.enter_async_context(kafka_bootstrap(config.kafka, console))
         annotator = await stack.enter_async_context(build_annotator(config.annotator, metrics.grpc_call))
         readiness.annotator = annotator
-        publisher = Publisher(settings, reports, ownership=ownership, progress=progress)
+        publisher = Publisher(
+            settings, reports, ownership=ownership, progress=progress, classifier=config.annotator.classifier_name
+        )
         await stack.enter_async_context(publisher)
         readiness.kafka = True
         metrics.watch_publisher(publisher)

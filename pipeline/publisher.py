@@ -171,9 +171,12 @@ class Publisher:
         producer: Producer | None = None,
         ownership: Ownership | None = None,
         progress: ProgressLog | None = None,
+        classifier: str | None = None,
     ) -> None:
-        """`producer`: by default an AIOKafkaProducer from `settings`, whose topic is created if it is missing."""
+        """`producer`: by default an AIOKafkaProducer from `settings`, whose topic is created if it is missing;
+        `classifier`: the name of the classifier that annotates, put in each record's header."""
         self.settings = settings
+        self._classifier = classifier
         self._ownership = ownership
         self._progress = progress
         self.stats = PublishStats()
@@ -314,7 +317,7 @@ class Publisher:
         if line.broken is not None:
             raise PublishError(f"cannot publish {info.source_id} frame {info.index}: {line.broken}")
         worker = None if self._progress is None else self._progress.worker
-        record = encode_record(frame, self.settings.value_format, worker)
+        record = encode_record(frame, self.settings.value_format, worker, self._classifier)
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(record.key, record.value, record.headers)
         if size > self.settings.max_request_bytes:  # aiokafka would only refuse it later, in the line's task
             raise PublishError(

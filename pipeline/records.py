@@ -8,7 +8,8 @@ One record per annotated frame:
     timestamp  the frame's capture time, ms since the epoch
     headers    UTF-8 strings: source_id, frame_index, media_position_ms (files, PyAV cameras),
                file_name (image folders only), capture_time_ms, content_type, image_width, image_height,
-               worker (the worker of a group that published it, `framelabel run --group`)
+               worker (the worker of a group that published it, `framelabel run --group`),
+               classifier (the name of the classifier that annotated it, when the run knows it)
 
 A Python consumer needs three lines:
 
@@ -46,6 +47,7 @@ IMAGE_WIDTH = "image_width"
 IMAGE_HEIGHT = "image_height"
 FILE_NAME = "file_name"
 WORKER = "worker"
+CLASSIFIER = "classifier"
 
 
 class RecordFormatError(FramelabelError, ValueError):
@@ -75,9 +77,12 @@ class DecodedRecord:
     response: AnnotationResponse
     file_name: str | None = None  # image folders: the image's path
     worker: str | None = None  # the group's worker that published it
+    classifier: str | None = None  # the classifier that annotated it, when the publisher knew
 
 
-def encode_record(frame: AnnotatedFrame, value_format: ValueFormat, worker: str | None = None) -> KafkaRecord:
+def encode_record(
+    frame: AnnotatedFrame, value_format: ValueFormat, worker: str | None = None, classifier: str | None = None
+) -> KafkaRecord:
     info = frame.info
     if value_format == "json":
         value = json_format.MessageToJson(
@@ -99,6 +104,8 @@ def encode_record(frame: AnnotatedFrame, value_format: ValueFormat, worker: str 
         headers[FILE_NAME] = info.file_name
     if worker is not None:
         headers[WORKER] = worker
+    if classifier is not None:
+        headers[CLASSIFIER] = classifier
     return KafkaRecord(
         key=info.source_id.encode(),
         value=value,
@@ -145,6 +152,7 @@ def decode_record(
         response=_parse_response(value, content_type),
         file_name=texts.get(FILE_NAME),
         worker=texts.get(WORKER),
+        classifier=texts.get(CLASSIFIER),
     )
 
 
@@ -161,6 +169,7 @@ def record_json(record: DecodedRecord) -> dict[str, Any]:
         "content_type": record.content_type,
         "file_name": record.file_name,
         "worker": record.worker,
+        "classifier": record.classifier,
         "response": json_format.MessageToDict(record.response, preserving_proto_field_name=True),
     }
 

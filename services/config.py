@@ -31,6 +31,39 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Rule(StrictModel):
+    """The settings of one event rule (`pipeline.events.rules` says what each does): here because a classifier
+    may declare the rules its scores need (`event_defaults:`), and the catalog refuses a bad one when read."""
+
+    enter_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    exit_threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description="default: enter_threshold")
+    window_frames: Annotated[int, Field(ge=1)] | None = Field(None, description="median of the last N frames, or")
+    window_seconds: Annotated[float, Field(gt=0)] | None = Field(None, description="of the last T seconds")
+    min_start_frames: Annotated[int, Field(ge=1)] = 1
+    min_start_seconds: Annotated[float, Field(ge=0)] = 0.0
+    grace_seconds: Annotated[float, Field(ge=0)] = 1.0
+    min_duration_seconds: Annotated[float, Field(ge=0)] = 0.0
+    update_interval_seconds: Annotated[float, Field(gt=0)] | None = 10.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rule:
+        if self.window_frames is not None and self.window_seconds is not None:
+            raise ValueError("give one of `window_frames` and `window_seconds`, not both")
+        if self.exit_threshold is not None and self.exit_threshold > self.enter_threshold:
+            raise ValueError(
+                f"`exit_threshold` ({self.exit_threshold}) must not exceed `enter_threshold` ({self.enter_threshold})"
+            )
+        return self
+
+    @property
+    def exit(self) -> float:
+        return self.enter_threshold if self.exit_threshold is None else self.exit_threshold
+
+
+class LabelRule(Rule):
+    match: Annotated[str, Field(min_length=1, description="a label, or a pattern with * ? [ ]; `*`: every label")]
+
+
 class LabelConfig(StrictModel):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
@@ -49,6 +82,8 @@ class ClassifierConfig(StrictModel):
     intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     allow_spinning: bool = False
+    # the events stage's rules for this classifier's labels where the events config has none of its own
+    event_defaults: tuple[LabelRule, ...] = ()
 
     @model_validator(mode="after")
     def _one_label_source(self) -> ClassifierConfig:

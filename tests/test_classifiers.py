@@ -122,6 +122,14 @@ MODERATION = load_catalog().classifiers["moderation"].model_dump(exclude_none=Tr
         ({"model": "package://no_such_package/x.onnx"}, "package 'no_such_package' is not installed"),
         ({"labels": [{"name": "only-one"}]}, "model gives 2 scores but 1 labels"),
         ({"labels": [{"name": "same"}, {"name": "same"}]}, "label names must be unique; repeated: same"),
+        (
+            {"event_defaults": [{"match": "sfw", "enter_threshold": 0.2, "exit_threshold": 0.4}]},
+            r"classifiers\.broken\.event_defaults\.0: Value error, `exit_threshold` \(0\.4\) must not exceed",
+        ),
+        (
+            {"event_defaults": [{"enter_threshold": 0.2}]},
+            r"classifiers\.broken\.event_defaults\.0\.match: Field required",
+        ),
     ],
 )
 def test_bad_classifier_entries_are_refused_by_name(tmp_path: Path, change: dict[str, object], message: str) -> None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from pipeline.events.rules import EventRules, LabelRule, Rule
+from pipeline.events.rules import MULTI_LABEL_DEFAULT, EventRules
+from pipeline.events.settings import EventsConfig
+from pipeline.events.stage import event_defaults
 from pipeline.events.tracker import EventTracker, Observation
 from services.api.event_pb2 import AnnotationEvent
+from services.config import LabelRule, Rule, load_catalog
 
 START, UPDATE, END = AnnotationEvent.START, AnnotationEvent.UPDATE, AnnotationEvent.END
 T0 = 1_760_000_000_000
@@ -195,6 +200,81 @@ def test_rules_by_label_pattern_and_classification_type() -> None:
     assert ignoring.rule_for("car", True) is None
     messages = run(EventTracker(ignoring, "c"), frames([0.95] * 12, label="car"))
     assert messages == []
+
+
+def test_rules_come_from_the_config_then_the_classifier_then_the_type() -> None:
+    declared = (LabelRule(match="person", enter_threshold=0.3), LabelRule(match="*", enter_threshold=0.5))
+    rules = EventRules.model_validate(
+        {"rules": [{"match": "dog", "enter_threshold": 0.9}], "multi_label": {"enter_threshold": 0.6}}
+    )
+    assert rules.rule_for("dog", False, declared) == LabelRule(match="dog", enter_threshold=0.9)  # the config's own
+    assert rules.rule_for("person", False, declared) == declared[0]  # the classifier's, first match
+    assert rules.rule_for("car", False, declared) == declared[1]
+    assert rules.rule_for("car", False) == Rule(enter_threshold=0.6)  # a classifier without: the type's, overridden
+    ignoring = rules.model_copy(update={"other_labels": "ignore"})
+    assert ignoring.rule_for("person", False, declared) is None  # `ignore` leaves only the config's rules
+
+
+def test_a_frame_names_its_classifier_whose_defaults_and_name_the_events_take() -> None:
+    defaults = {"objects": (LabelRule(match="person", enter_threshold=0.3, grace_seconds=0),)}
+    stream = frames([0.4] * 3 + [0.0] * 2, label="person")  # MULTI_CLASS frames: the type's 0.5 would not start
+    named = [replace(frame, classifier="objects") for frame in stream]
+    tracker = EventTracker(EventRules(), "topic", event_defaults=defaults)
+    assert run(tracker, stream) == []  # frames that name no classifier are the topic's: the type's defaults
+    tracker = EventTracker(EventRules(), "topic", event_defaults=defaults)
+    messages = run(tracker, named)
+    assert [(m.state, m.classifier) for m in messages] == [(START, "objects"), (END, "objects")]
+    fixed = run(EventTracker(EventRules(), "gate", fixed_name="gate", event_defaults=defaults), named)
+    assert [(m.state, m.classifier) for m in fixed] == [(START, "gate"), (END, "gate")]
+    assert {m.event_id for m in fixed}.isdisjoint(m.event_id for m in messages)
+
+
+def test_another_classifier_on_a_source_begins_it_again() -> None:
+    tracker = EventTracker(only(Rule(enter_threshold=0.5, update_interval_seconds=None)), "c")
+    first = [replace(frame, classifier="imagenet") for frame in frames([0.9] * 3)]
+    then = [replace(frame, classifier="objects") for frame in frames([0.9] * 3, first=3)]
+    messages = run(tracker, first + then)
+    assert [(m.state, m.classifier, m.end_reason) for m in messages] == [
+        (START, "imagenet", AnnotationEvent.END_REASON_UNSPECIFIED),
+        (END, "imagenet", AnnotationEvent.SOURCE_RESTARTED),
+        (START, "objects", AnnotationEvent.END_REASON_UNSPECIFIED),
+    ]
+
+
+def test_state_saved_before_frames_named_their_classifier_restores_as_the_fallbacks() -> None:
+    rule = Rule(enter_threshold=0.5, grace_seconds=0.2, update_interval_seconds=None)
+    stream = frames([0.9] * 4 + [0.0] * 4)
+    whole = run(EventTracker(only(rule), "topic"), stream)
+    first = EventTracker(only(rule), "topic")
+    before = run(first, stream[:4])
+    saved = first.snapshot("cam")
+    assert saved is not None
+    del saved["classifier"]  # as an older stage wrote it
+    second = EventTracker(only(rule), "topic")
+    second.restore("cam", saved)
+    assert before + run(second, stream[4:]) == whole
+    assert [m.state for m in whole] == [START, END]
+
+
+def test_the_objects_classifier_declares_a_low_person_threshold_and_a_higher_one_for_the_rest() -> None:
+    declared = load_catalog().classifiers["objects"].event_defaults
+    person = EventRules().rule_for("person", False, declared)
+    car = EventRules().rule_for("car", False, declared)
+    assert person is not None
+    assert car is not None
+    assert (person.enter_threshold, person.exit, person.window_seconds, person.min_start_seconds) == (0.3, 0.2, 1, 0.5)
+    assert person.enter_threshold < car.enter_threshold < MULTI_LABEL_DEFAULT.enter_threshold
+    assert load_catalog().classifiers["imagenet"].event_defaults == ()
+
+
+def test_the_stage_knows_the_event_defaults_of_its_classifiers_file_and_the_built_in_ones(tmp_path: Path) -> None:
+    mine = {"family": "open_nsfw", "classification_type": "MULTI_CLASS", "model": "m.onnx", "labels": [{"name": "a"}]}
+    path = tmp_path / "classifiers.yaml"
+    path.write_text(json.dumps({"classifiers": {"mine": mine | {"event_defaults": [{"match": "a"}]}, "plain": mine}}))
+    known = event_defaults(EventsConfig(classifiers_file=path))
+    assert known["mine"] == (LabelRule(match="a"),)
+    assert known["objects"] == load_catalog().classifiers["objects"].event_defaults
+    assert "plain" not in known
 
 
 def test_multi_class_and_multi_label_defaults_apply_by_the_records_type() -> None:

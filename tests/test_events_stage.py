@@ -282,10 +282,12 @@ async def test_events_inside_a_run_end_with_the_replay(tmp_path: Path) -> None:
     for record in annotations:
         scores = {a.label.name: a.confidence for a in record.response.annotations}
         expected += tracker.observe(
-            Observation(record.source_id, record.frame_index, record.capture_time_ms, True, scores)
+            Observation(record.source_id, record.frame_index, record.capture_time_ms, True, scores, record.classifier)
         )
     expected += tracker.close_source("bunny", AnnotationEvent.SOURCE_ENDED)
     assert len(annotations) == 66
+    assert {record.classifier for record in annotations} == {"imagenet"}  # the run names it in a header
+    assert {event.classifier for event in events} == {"imagenet"}  # and the events take the name from there
     assert any(e.end_reason == AnnotationEvent.SOURCE_ENDED for e in expected)
     assert in_order(events) == in_order(expected)
 
@@ -327,11 +329,9 @@ def scene_change(tmp_path: Path) -> Path:
 async def test_a_person_leaving_a_real_clip_is_one_event_shown_in_the_live_view(
     tmp_path: Path, scene_change: Path
 ) -> None:
-    """Through `objects`, a `person` event starts on the clip's first frames and ends where the scene
-    changes, and the live view lists it while the run goes on."""
+    """Through `objects` with `events: {}` (the rules `objects` declares), a `person` event starts on the clip's
+    first frames and ends where the scene changes, and the live view lists it while the run goes on."""
     clip = scene_change
-    person = {"match": "person", "enter_threshold": 0.5, "exit_threshold": 0.3, "window_frames": 3}
-    rules = {"rules": [person | {"min_start_frames": 2, "grace_seconds": 0.5}], "other_labels": "ignore"}
     metrics_port = free_port()
     async with kafka_broker() as broker:
         sources = [{"id": "scene", "uri": str(clip), "fps": 5, "realtime": True}]
@@ -340,7 +340,7 @@ async def test_a_person_leaving_a_real_clip_is_one_event_shown_in_the_live_view(
             broker.address,
             sources,
             annotator={"classifier": "objects"},
-            events=rules,
+            events={},
             metrics={"port": metrics_port},
         )
         with pipeline_run(config_file) as run:
@@ -361,6 +361,7 @@ async def test_a_person_leaving_a_real_clip_is_one_event_shown_in_the_live_view(
         ]
     assert [(e.label, AnnotationEvent.State.Name(e.state)) for e in events] == [("person", "START"), ("person", "END")]
     start, end = events
+    assert start.classifier == "objects"  # named by the records' header
     assert start.first_frame_index <= 10
     assert 95 <= end.last_frame_index <= 105  # the man leaves with frame 100
     assert end.end_reason == AnnotationEvent.SCORE_BELOW_EXIT

@@ -110,6 +110,12 @@ def test_record_carries_frame_metadata_in_headers() -> None:
     decoded_image = decode_record(image_record.key, image_record.value, image_record.headers, 0)
     assert decoded_image.file_name == "frames/0001.jpg"
 
+    named_record = encode_record(annotated_frame("cam-a", 1), "protobuf", classifier="objects")
+    assert dict(named_record.headers)["classifier"] == b"objects"
+    decoded_named = decode_record(named_record.key, named_record.value, named_record.headers, 0)
+    assert (decoded_named.classifier, record_json(decoded_named)["classifier"]) == ("objects", "objects")
+    assert decode_record(record.key, record.value, record.headers, 0).classifier is None  # not known: no header
+
     camera_record = encode_record(annotated_frame("cam-b", 3), "json")
     assert "media_position_ms" not in dict(camera_record.headers)
     assert dict(camera_record.headers)["content_type"] == JSON_CONTENT_TYPE.encode()

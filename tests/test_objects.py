@@ -20,7 +20,8 @@ from numpy.typing import NDArray
 from skimage import data
 
 from pipeline.config import sample_clip
-from pipeline.events.rules import EventRules, LabelRule
+from pipeline.events.settings import EventsConfig
+from pipeline.events.stage import event_defaults
 from pipeline.events.tracker import EventTracker, Observation
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import AnnotationResponse, ClassifierSpecification
@@ -138,33 +139,37 @@ def test_annotate_command_names_the_objects(tmp_path: Path) -> None:
     assert tops == [["person", "bicycle"], ["cup", "bowl"]]
 
 
-# the README's event rule for `person` with this classifier (the MULTI_LABEL defaults expect higher scores)
-PERSON_RULE = LabelRule(
-    match="person", enter_threshold=0.3, exit_threshold=0.2, window_seconds=1.0, min_start_seconds=0.5
-)
-
-
-def person_events(objects: Classifier, clip: Path, every_nth: int) -> list[tuple[int, int]]:
-    """(first, last) frame of each `person` event the README's rule finds in every_nth frame of `clip`."""
-    tracker = EventTracker(EventRules(rules=(PERSON_RULE,), other_labels="ignore"), "objects")
+def clip_events(objects: Classifier, clip: Path, every_nth: int) -> list[tuple[str, int, int]]:
+    """(label, first frame, last frame) of each event in every_nth frame of `clip`, with `events: {}`: the rules
+    are the events stage's defaults, so `objects`' own event_defaults."""
+    config = EventsConfig()
+    tracker = EventTracker(config, config.classifier_name, event_defaults=event_defaults(config))
     capture = cv2.VideoCapture(str(clip))
     fps, index, messages = capture.get(cv2.CAP_PROP_FPS), 0, []
+    multi_class = objects.classification_type == ClassifierSpecification.MULTI_CLASS
     try:
         while (read := capture.read())[0]:
             if index % every_nth == 0:
                 response = objects.annotate(request(jpeg(cv2.cvtColor(read[1], cv2.COLOR_BGR2RGB))))
                 scores = {a.label.name: a.confidence for a in response.annotations}
-                messages += tracker.observe(Observation("cam", index, round(index * 1000 / fps), False, scores))
+                frame = Observation("cam", index, round(index * 1000 / fps), multi_class, scores, objects.name)
+                messages += tracker.observe(frame)
             index += 1
     finally:
         capture.release()
     messages += tracker.close_source("cam", AnnotationEvent.SOURCE_ENDED)
-    return [(m.first_frame_index, m.last_frame_index) for m in messages if m.state == AnnotationEvent.END]
+    return [(m.label, m.first_frame_index, m.last_frame_index) for m in messages if m.state == AnnotationEvent.END]
 
 
-def test_the_readme_person_rule_finds_the_man_in_the_car_and_no_one_in_the_cartoon(objects: Classifier) -> None:
+def test_default_event_rules_find_the_man_in_the_car_the_cyclists_and_nothing_in_the_cartoon(
+    objects: Classifier,
+) -> None:
     # carphone (30 fps) sampled at 5 fps: he is there from the first frame to the last (119)
-    ((first, last),) = person_events(objects, CLIPS / "carphone_pristine.mp4", every_nth=6)
-    assert first <= 30
-    assert last >= 100
-    assert person_events(objects, sample_clip(), every_nth=5) == []  # Big Buck Bunny at 5 fps: a rabbit, no person
+    ((label, first, last),) = clip_events(objects, CLIPS / "carphone_pristine.mp4", every_nth=6)
+    assert (label, first <= 30, last >= 100) == ("person", True, True)
+    # bikes (25 fps) at 5 fps: a man cycling through traffic (frames ~30-45), then a cyclist (~115-150)
+    street = clip_events(objects, CLIPS / "bikes.mp4", every_nth=5)
+    assert len([event for event in street if event[0] == "person"]) == 2
+    assert "car" in {event[0] for event in street}
+    assert {event[0] for event in street} <= {"person", "car", "bicycle"}
+    assert clip_events(objects, sample_clip(), every_nth=5) == []  # Big Buck Bunny: a rabbit, nothing COCO names

@@ -181,3 +181,24 @@ async def test_a_record_the_producer_refuses_at_send_holds_back_the_later_ones_w
         await publisher.flush()
     assert producer.stored == {"cam": [0, 1, 2, 3, 4]}
     assert publisher.stats.lost == 0
+
+
+async def test_each_record_names_the_classifier_the_publisher_was_given() -> None:
+    class Recording(ScriptedProducer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifiers: list[bytes | None] = []
+
+        async def send(self, topic: str, value: bytes, **record: Any) -> asyncio.Future[Any]:
+            self.classifiers.append(dict(record["headers"]).get("classifier"))
+            return await super().send(topic, value, **record)
+
+    for classifier, header in (("objects", b"objects"), (None, None)):
+        producer = Recording()
+        async with (
+            within(HANG_GUARD_S, "the publisher"),
+            Publisher(settings(), producer=producer, classifier=classifier) as publisher,
+        ):
+            await publish_all(publisher, {"cam": 3})
+            await publisher.flush()
+        assert producer.classifiers == [header] * 3

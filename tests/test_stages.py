@@ -10,6 +10,7 @@ import simplejpeg
 
 from pipeline.config import load_run_config, parse_source_flag
 from pipeline.encoder import EncoderSettings, encode
+from pipeline.events.command import load_events_config
 from pipeline.frames import Frame, FrameInfo
 from pipeline.kafka import EMBEDDED
 from pipeline.sampler import Sampler, SamplingSettings
@@ -86,6 +87,25 @@ def test_defaults_are_the_demo(tmp_path: Path) -> None:
     assert Path(config.sources[0].uri).is_file()
     assert (config.annotator.kind, config.annotator.classifier) == ("in-process", "imagenet")
     assert config.kafka.bootstrap_servers == EMBEDDED
+
+
+def test_records_name_the_classifier_the_config_knows_and_events_know_the_runs_classifiers(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("sources: [{id: a, uri: clip.mp4}]\nannotator: {classifiers_file: mine.yaml}\nevents: {}\n")
+    config = load_run_config(path, {})
+    assert config.annotator.classifier_name == "imagenet"  # in-process: always known
+    assert config.events is not None
+    assert config.events.classifiers_file == tmp_path / "mine.yaml"  # whose event_defaults the stage applies
+    assert load_events_config(path, {})[1].classifiers_file == tmp_path / "mine.yaml"  # `framelabel events run.yaml`
+    assert load_run_config(path, {"targets": ["127.0.0.1:5"]}).annotator.classifier_name is None  # the service's own
+    path.write_text(
+        "sources: [{id: a, uri: clip.mp4}]\nannotator: {kind: grpc, targets: ['127.0.0.1:5'], classifier: objects}\n"
+        "events: {classifiers_file: events/classifiers.yaml}\n"
+    )
+    named = load_run_config(path, {})
+    assert named.annotator.classifier_name == "objects"  # over gRPC, when the config names it
+    assert named.events is not None
+    assert named.events.classifiers_file == tmp_path / "events" / "classifiers.yaml"
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:

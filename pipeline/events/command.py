@@ -12,7 +12,7 @@ from pipeline.config import kafka_section
 from pipeline.events.settings import EventsConfig, events_section
 from pipeline.events.stage import EventsStage
 from pipeline.kafka import KafkaSettings
-from services.config import read_yaml, validate
+from services.config import read_yaml, resolve_paths, validate
 from services.runtime import STOP_SIGNALS
 
 log = logging.getLogger("framelabel.events")
@@ -22,11 +22,15 @@ def load_events_config(path: Path | None, flags: Mapping[str, Any]) -> tuple[Kaf
     """A run config's `kafka:` and `events:` sections (or the defaults) with flags on top.
 
     flags: `bootstrap`; `input_topic`, `topic`, `group`, `delivery` of the events section.
-    Without `events.input_topic`, the stage reads the topic the run config's `kafka.topic` names."""
+    Without `events.input_topic`, the stage reads the topic the run config's `kafka.topic` names; without
+    `events.classifiers_file`, it knows the classifiers of the run config's `annotator.classifiers_file`."""
     data = read_yaml(path) if path else {}
     where = str(path) if path else "events flags"
-    kafka = validate(KafkaSettings, kafka_section(data.get("kafka"), path.parent if path else Path.cwd(), flags), where)
-    events = events_section(data.get("events"), kafka.topic)
+    base = path.parent if path else Path.cwd()
+    kafka = validate(KafkaSettings, kafka_section(data.get("kafka"), base, flags), where)
+    annotator = data.get("annotator")
+    run_classifiers = resolve_paths(annotator, base, ("classifiers_file",)) if isinstance(annotator, dict) else {}
+    events = events_section(data.get("events"), kafka.topic, base, run_classifiers.get("classifiers_file"))
     events |= {name: flags[name] for name in ("input_topic", "topic", "group", "delivery") if flags.get(name)}
     return kafka, validate(EventsConfig, events, f"{where}: events")
 

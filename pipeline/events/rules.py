@@ -12,49 +12,23 @@ A rule reads one label's confidences on one source's frames:
     updates          every `update_interval_seconds` while it lasts, with the running peak
 
 Times are seconds of capture time, so sources at different frame rates behave alike.
-A label that no rule names follows the defaults of its classifier's type.
+
+Which rule applies to a label, the first that has one:
+    1. the events config's `rules:`, the first whose `match` fits the label
+    2. (`other_labels: ignore`: none, the label is ignored)
+    3. the classifier's own `event_defaults:` in its classifiers file, the first that fits
+    4. the defaults of the classifier's type, `multi_class:` or `multi_label:`
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Annotated, Literal
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
-from pydantic import Field, model_validator
-
-from services.config import StrictModel
+from services.config import LabelRule, Rule, StrictModel
 
 GLOB_CHARACTERS = frozenset("*?[")
-
-
-class Rule(StrictModel):
-    enter_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
-    exit_threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description="default: enter_threshold")
-    window_frames: Annotated[int, Field(ge=1)] | None = Field(None, description="median of the last N frames, or")
-    window_seconds: Annotated[float, Field(gt=0)] | None = Field(None, description="of the last T seconds")
-    min_start_frames: Annotated[int, Field(ge=1)] = 1
-    min_start_seconds: Annotated[float, Field(ge=0)] = 0.0
-    grace_seconds: Annotated[float, Field(ge=0)] = 1.0
-    min_duration_seconds: Annotated[float, Field(ge=0)] = 0.0
-    update_interval_seconds: Annotated[float, Field(gt=0)] | None = 10.0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Rule:
-        if self.window_frames is not None and self.window_seconds is not None:
-            raise ValueError("give one of `window_frames` and `window_seconds`, not both")
-        if self.exit_threshold is not None and self.exit_threshold > self.enter_threshold:
-            raise ValueError(
-                f"`exit_threshold` ({self.exit_threshold}) must not exceed `enter_threshold` ({self.enter_threshold})"
-            )
-        return self
-
-    @property
-    def exit(self) -> float:
-        return self.enter_threshold if self.exit_threshold is None else self.exit_threshold
-
-
-class LabelRule(Rule):
-    match: Annotated[str, Field(min_length=1, description="a label, or a pattern with * ? [ ]; `*`: every label")]
 
 
 # MULTI_CLASS: labels compete (softmax), so a label leads once it holds half the mass;
@@ -68,21 +42,28 @@ MULTI_LABEL_DEFAULT = Rule(
 
 
 class EventRules(StrictModel):
-    """The `rules:` of the events stage; the first rule whose `match` fits a label applies."""
+    """The rules of the events stage: its `rules:`, then the classifier's defaults, then the type's."""
 
     rules: tuple[LabelRule, ...] = ()
     multi_class: Rule = MULTI_CLASS_DEFAULT
     multi_label: Rule = MULTI_LABEL_DEFAULT
     other_labels: Literal["defaults", "ignore"] = "defaults"
 
-    def rule_for(self, label: str, multi_class: bool) -> Rule | None:
-        """The rule for `label`; None when the label is to be ignored."""
-        for rule in self.rules:
-            if _matches(rule.match, label):
-                return rule
+    def rule_for(self, label: str, multi_class: bool, classifier_defaults: Sequence[LabelRule] = ()) -> Rule | None:
+        """The rule for `label`; None when the label is to be ignored.
+
+        `classifier_defaults`: the `event_defaults` of the classifier that annotated the frame."""
+        if (rule := _first_match(self.rules, label)) is not None:
+            return rule
         if self.other_labels == "ignore":
             return None
+        if (rule := _first_match(classifier_defaults, label)) is not None:
+            return rule
         return self.multi_class if multi_class else self.multi_label
+
+
+def _first_match(rules: Iterable[LabelRule], label: str) -> LabelRule | None:
+    return next((rule for rule in rules if _matches(rule.match, label)), None)
 
 
 def _matches(match: str, label: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -9,6 +10,7 @@ from pydantic import Field
 from pipeline.events.record import DEFAULT_EVENTS_TOPIC
 from pipeline.events.rules import EventRules
 from pipeline.kafka import DEFAULT_TOPIC
+from services.config import resolve_paths
 from services.errors import ConfigError
 
 Delivery = Literal["auto", "exactly-once", "at-least-once"]
@@ -22,7 +24,12 @@ class EventsConfig(EventRules):
     group: Annotated[str, Field(min_length=1, description="the consumer group that reads the annotations")] = (
         "framelabel-events"
     )
-    classifier: str | None = Field(None, description="named in every event; default: the input topic")
+    classifier: str | None = Field(
+        None, description="named in every event; default: the records' `classifier` header, else the input topic"
+    )
+    classifiers_file: Path | None = Field(
+        None, description="your own classifiers, whose `event_defaults` apply, added to the built-in ones"
+    )
     delivery: Delivery = "auto"  # auto: exactly once where the broker has transactions, else at least once
     value_format: Literal["protobuf", "json"] = "protobuf"
     partitions: Annotated[int, Field(ge=1, description="of the events topic, when it is created")] = 3
@@ -38,11 +45,14 @@ class EventsConfig(EventRules):
 
     @property
     def classifier_name(self) -> str:
+        """The classifier of records that do not name theirs."""
         return self.classifier or self.input_topic
 
 
-def events_section(raw: Any, input_topic: str) -> dict[str, Any]:
-    """The `events:` mapping ready to validate: by default it reads `input_topic`, the topic the run publishes to."""
+def events_section(raw: Any, input_topic: str, base: Path, classifiers_file: str | None = None) -> dict[str, Any]:
+    """The `events:` mapping ready to validate: by default it reads `input_topic`, the topic the run publishes to,
+    and knows the classifiers of `classifiers_file` (the run's); its own `classifiers_file` is relative to `base`."""
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"events: expected a mapping, got {type(raw).__name__}")
-    return {"input_topic": input_topic} | dict(raw or {})
+    defaults = {"input_topic": input_topic} | ({"classifiers_file": classifiers_file} if classifiers_file else {})
+    return defaults | resolve_paths(dict(raw or {}), base, ("classifiers_file",))

@@ -46,6 +46,7 @@ from pipeline.kafka import (
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
 from services.api.image_classifier_pb2 import ClassifierSpecification
+from services.config import LabelRule, load_catalog
 from services.errors import FramelabelError
 
 log = logging.getLogger("framelabel.events")
@@ -72,7 +73,9 @@ class EventsStage:
         self._connection = connection
         self._config = config
         self._sole_reader = sole_reader
-        self._tracker = EventTracker(config, config.classifier_name)
+        self._tracker = EventTracker(
+            config, config.classifier_name, fixed_name=config.classifier, event_defaults=event_defaults(config)
+        )
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._transactional = False
@@ -201,6 +204,7 @@ class EventsStage:
                 decoded.capture_time_ms,
                 response.classifier_specification.classification_type == ClassifierSpecification.MULTI_CLASS,
                 {annotation.label.name: annotation.confidence for annotation in response.annotations},
+                decoded.classifier,
             )
         )
 
@@ -334,6 +338,12 @@ class EventsStage:
         if client is None:
             raise EventsError("the events stage is not started")
         return client
+
+
+def event_defaults(config: EventsConfig) -> dict[str, tuple[LabelRule, ...]]:
+    """The `event_defaults` the known classifiers declare: built in, and those of `config.classifiers_file`."""
+    catalog = load_catalog(config.classifiers_file)
+    return {name: declared.event_defaults for name, declared in catalog.classifiers.items() if declared.event_defaults}
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped

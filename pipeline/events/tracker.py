@@ -5,19 +5,21 @@ UPDATE, END), following `pipeline.events.rules`. The same frames give the same m
 same ids, so a stage that reads its input twice publishes repeats a consumer can recognise.
 A frame not newer than the last one of its source (a repeated record) changes nothing.
 The tracker's state per source can be saved (`snapshot`) and restored, so a restarted stage goes on
-where it stopped.
+where it stopped. A source annotated by another classifier than before begins again, as a restarted
+source does: the new classifier's labels and scores are not the old one's.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
 
 from pipeline.events.record import event_id
-from pipeline.events.rules import EventRules, Rule, seconds_ms
+from pipeline.events.rules import EventRules, seconds_ms
 from services.api.event_pb2 import AnnotationEvent
+from services.config import LabelRule, Rule
 
 EndReason: TypeAlias = AnnotationEvent.EndReason.ValueType
 
@@ -31,6 +33,7 @@ class Observation:
     capture_time_ms: int
     multi_class: bool  # the classifier's type: which default rule applies
     scores: Mapping[str, float]  # label → confidence; a label not here scores 0 on this frame
+    classifier: str | None = None  # the classifier that annotated it, when the record says
 
 
 @dataclass(slots=True)
@@ -64,15 +67,29 @@ class _SourceState:
     frame_times: deque[int] = field(default_factory=deque)  # recent capture times: the smoothing windows' frames
     labels: dict[str, _LabelState] = field(default_factory=dict)
     multi_class: bool = True
+    classifier: str = ""
 
 
 class EventTracker:
-    def __init__(self, rules: EventRules, classifier: str) -> None:
+    def __init__(
+        self,
+        rules: EventRules,
+        classifier: str,
+        *,
+        fixed_name: str | None = None,
+        event_defaults: Mapping[str, Sequence[LabelRule]] | None = None,
+    ) -> None:
+        """`classifier`: of the frames that name none (and of state saved before frames named theirs);
+        `fixed_name`: the classifier every event names, instead of the frame's;
+        `event_defaults`: classifier name → the `event_defaults` it declares (see `EventRules.rule_for`)."""
         self._rules = rules
         self._classifier = classifier
+        self._fixed_name = fixed_name
+        self._event_defaults = event_defaults or {}
         self._sources: dict[str, _SourceState] = {}
-        self._rule_cache: dict[tuple[str, bool], Rule | None] = {}
-        every_rule = [rules.multi_class, rules.multi_label, *rules.rules]
+        self._rule_cache: dict[tuple[str, str, bool], Rule | None] = {}
+        declared = [rule for defaults in self._event_defaults.values() for rule in defaults]
+        every_rule = [rules.multi_class, rules.multi_label, *rules.rules, *declared]
         # how many frame times a source keeps: enough for the longest window of either kind
         self._history_frames = max(rule.window_frames or 1 for rule in every_rule)
         self._history_ms = max(seconds_ms(rule.window_seconds or 0) for rule in every_rule)
@@ -83,23 +100,26 @@ class EventTracker:
 
     def observe(self, frame: Observation) -> list[AnnotationEvent]:
         source = self._sources.get(frame.source_id)
+        classifier = frame.classifier or self._classifier
         messages: list[AnnotationEvent] = []
         if source is not None and frame.frame_index <= source.last_frame_index:
             if frame.capture_time_ms <= source.last_time_ms:
                 return messages  # a repeat of a frame already seen
-            messages = self.close_source(frame.source_id, AnnotationEvent.SOURCE_RESTARTED)
             source = None
-        if source is None:
-            source = self._sources[frame.source_id] = _SourceState(frame.frame_index, frame.capture_time_ms)
+        if source is None or classifier != source.classifier:
+            messages = self.close_source(frame.source_id, AnnotationEvent.SOURCE_RESTARTED)
+            source = self._sources[frame.source_id] = _SourceState(
+                frame.frame_index, frame.capture_time_ms, classifier=classifier
+            )
         source.last_frame_index, source.last_time_ms = frame.frame_index, frame.capture_time_ms
         source.multi_class = frame.multi_class
         self._remember_time(source, frame.capture_time_ms)
         for label, score in frame.scores.items():
-            if score > 0 and label not in source.labels and self._rule(label, frame.multi_class) is not None:
+            if score > 0 and label not in source.labels and self._rule(label, source) is not None:
                 source.labels[label] = _LabelState()
         for label in list(source.labels):
             state = source.labels[label]
-            rule = self._rule(label, frame.multi_class)
+            rule = self._rule(label, source)
             if rule is None:  # the classifier's type changed under a rule set that ignores this label now
                 del source.labels[label]
                 continue
@@ -107,7 +127,7 @@ class EventTracker:
             if score > 0:
                 state.samples.append((frame.capture_time_ms, score))
             smoothed = _smoothed(state.samples, source.frame_times, rule)
-            message = self._step(frame, label, state, rule, score, smoothed)
+            message = self._step(frame, source, label, state, rule, score, smoothed)
             if message is not None:
                 messages.append(message)
             if state.event is None and not state.samples:
@@ -134,7 +154,7 @@ class EventTracker:
             return []
         messages = []
         for label, state in list(source.labels.items()):
-            rule = self._rule(label, source.multi_class)
+            rule = self._rule(label, source)
             if state.event is None or rule is None or silent_ms <= seconds_ms(rule.grace_seconds):
                 continue
             if state.event.published:
@@ -161,6 +181,7 @@ class EventTracker:
             "last_frame_index": source.last_frame_index,
             "last_time_ms": source.last_time_ms,
             "multi_class": source.multi_class,
+            "classifier": source.classifier,
             "frame_times": list(source.frame_times),
             "labels": {
                 label: {
@@ -181,16 +202,18 @@ class EventTracker:
             snapshot["last_time_ms"],
             deque(snapshot["frame_times"]),
             multi_class=snapshot["multi_class"],
+            classifier=snapshot.get("classifier", self._classifier),  # saved before frames named their classifier
         )
         for label, saved in snapshot["labels"].items():
             event = None if saved["event"] is None else _Event(**saved["event"])
             source.labels[label] = _LabelState(deque((time_ms, score) for time_ms, score in saved["samples"]), event)
         self._sources[source_id] = source
 
-    def _rule(self, label: str, multi_class: bool) -> Rule | None:
-        key = (label, multi_class)
+    def _rule(self, label: str, source: _SourceState) -> Rule | None:
+        key = (source.classifier, label, source.multi_class)
         if key not in self._rule_cache:
-            self._rule_cache[key] = self._rules.rule_for(label, multi_class)
+            defaults = self._event_defaults.get(source.classifier, ())
+            self._rule_cache[key] = self._rules.rule_for(label, source.multi_class, defaults)
         return self._rule_cache[key]
 
     def _remember_time(self, source: _SourceState, time_ms: int) -> None:
@@ -200,7 +223,14 @@ class EventTracker:
             times.popleft()
 
     def _step(
-        self, frame: Observation, label: str, state: _LabelState, rule: Rule, score: float, smoothed: float
+        self,
+        frame: Observation,
+        source: _SourceState,
+        label: str,
+        state: _LabelState,
+        rule: Rule,
+        score: float,
+        smoothed: float,
     ) -> AnnotationEvent | None:
         now, index = frame.capture_time_ms, frame.frame_index
         event = state.event
@@ -221,18 +251,18 @@ class EventTracker:
             if not event.published:
                 return None  # shorter than min_duration: never published
             return self._message(
-                frame.source_id, label, event, AnnotationEvent.END, AnnotationEvent.SCORE_BELOW_EXIT, frame
+                frame.source_id, label, event, AnnotationEvent.END, AnnotationEvent.SCORE_BELOW_EXIT, source
             )
         if not event.published:
             if event.end_time_ms - event.start_time_ms < seconds_ms(rule.min_duration_seconds):
                 return None
             event.published = True
             event.last_message_ms = now
-            return self._message(frame.source_id, label, event, AnnotationEvent.START, None, frame)
+            return self._message(frame.source_id, label, event, AnnotationEvent.START, None, source)
         interval = rule.update_interval_seconds
         if interval is not None and now - event.last_message_ms >= seconds_ms(interval):
             event.last_message_ms = now
-            return self._message(frame.source_id, label, event, AnnotationEvent.UPDATE, None, frame)
+            return self._message(frame.source_id, label, event, AnnotationEvent.UPDATE, None, source)
         return None
 
     def _message(
@@ -242,22 +272,19 @@ class EventTracker:
         event: _Event,
         state: AnnotationEvent.State.ValueType,
         reason: EndReason | None,
-        at: Observation | _SourceState,
+        source: _SourceState,
     ) -> AnnotationEvent:
+        """The message about `event`, produced at the source's latest frame."""
         if state != AnnotationEvent.START:
             event.sequence += 1
-        at_index, at_time = (
-            (at.frame_index, at.capture_time_ms)
-            if isinstance(at, Observation)
-            else (at.last_frame_index, at.last_time_ms)
-        )
+        classifier = self._fixed_name or source.classifier
         return AnnotationEvent(
-            event_id=event_id(source_id, label, self._classifier, event.first_frame_index, event.start_time_ms),
+            event_id=event_id(source_id, label, classifier, event.first_frame_index, event.start_time_ms),
             sequence=event.sequence,
             state=state,
             source_id=source_id,
             label=label,
-            classifier=self._classifier,
+            classifier=classifier,
             first_frame_index=event.first_frame_index,
             last_frame_index=event.last_frame_index,
             start_time_ms=event.start_time_ms,
@@ -268,8 +295,8 @@ class EventTracker:
             peak_time_ms=event.peak_time_ms,
             frames=event.frames,
             end_reason=reason or AnnotationEvent.END_REASON_UNSPECIFIED,
-            at_frame_index=at_index,
-            at_time_ms=at_time,
+            at_frame_index=source.last_frame_index,
+            at_time_ms=source.last_time_ms,
         )
 
 
