@@ -122,7 +122,7 @@ def rtsp_camera(clip: Path) -> Iterator[Camera]:
     """tools/rtsp_camera.py serving `clip` on a free 127.0.0.1 port; yields its URL and pid, stops it on exit."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            [SYSTEM_PYTHON, str(RTSP_CAMERA), str(clip), "--port", "0"],
+            [SYSTEM_PYTHON, str(RTSP_CAMERA), str(clip), "--port", "0", "--once"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,

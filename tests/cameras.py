@@ -76,9 +76,11 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def rtsp_camera(clip: Path, port: int = 0) -> Iterator[Camera]:
-    """tools/rtsp_camera.py serving `clip` at rtsp://127.0.0.1:PORT/cam (any free port when 0)."""
-    with _running([SYSTEM_PYTHON, str(RTSP_CAMERA), str(clip), "--port", str(port)]) as (process, log):
+def rtsp_camera(clip: Path, port: int = 0, loop: bool = False) -> Iterator[Camera]:
+    """tools/rtsp_camera.py serving `clip` at rtsp://127.0.0.1:PORT/cam (any free port when 0); each client's
+    stream ends with the clip (a camera that goes away) unless `loop`."""
+    command = [SYSTEM_PYTHON, str(RTSP_CAMERA), str(clip), "--port", str(port), *([] if loop else ["--once"])]
+    with _running(command) as (process, log):
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)  # it prints one line when listening
         line = process.stdout.readline() if ready else ""

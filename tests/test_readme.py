@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,15 @@ def test_the_rtsp_camera_config_runs_against_a_local_camera_and_broker() -> None
         )
         assert [r["source_id"] for r in records] == ["gate", "gate"]
         assert shell.stop(run) == 0, shell.log(run)
+
+
+def test_the_test_camera_without_its_default_clip_says_what_to_do(tmp_path: Path) -> None:
+    """In a checkout without .venv (no `make demo` yet) the camera's default clip is missing: it says so."""
+    (tmp_path / "tools").mkdir()
+    camera = shutil.copy(CHECKOUT / "tools" / "rtsp_camera.py", tmp_path / "tools")
+    result = subprocess.run(["/usr/bin/python3", camera, "--port", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "bikes.mp4: run `make demo` first" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("config", ["replay.yaml", "rtsp-camera.yaml"])

@@ -358,6 +358,24 @@ async def test_rtsp_camera_reconnects_after_the_camera_restarts(decoder: str) ->
     assert timestamped >= len(frames) - 2 if decoder == "pyav" else timestamped == 0
 
 
+@pytest.mark.parametrize("decoder", ["opencv", "pyav"])
+async def test_looping_rtsp_camera_plays_on_past_the_end_of_its_clip(decoder: str) -> None:
+    """The README's test camera loops its clip: one connection reads on past the clip's end, time increasing."""
+    clip, clip_frames, clip_ms = CLIPS / "bigbuckbunny.mp4", 132, 5280.0  # the shortest sample clip
+    with rtsp_camera(clip, loop=True) as camera:
+        source = open_source("loop", camera.url, CAMERA.model_copy(update={"decoder": decoder}))
+        async with consuming(source) as frames:
+            await eventually(lambda: source.stats.read >= clip_frames + 25, "a second of frames past the clip's end")
+
+    assert source.stats.reconnects == 0, source.stats.last_error
+    indexes = [frame.info.index for frame in frames]
+    assert indexes == sorted(set(indexes))
+    if decoder == "pyav":  # the stream's own timestamps go on increasing over the loop
+        timed = [position for position in positions(frames) if position]
+        assert timed == sorted(timed)
+        assert timed[-1] > clip_ms
+
+
 async def test_http_mjpeg_camera_keeps_only_the_newest_frame() -> None:
     with http_mjpeg_camera(CAMERA_CLIP) as camera:
         source = open_source("gate", camera.url, CAMERA)
