@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import simplejpeg
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
+from pipeline.cli import build_parser
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.api.image_pb2 import Image
 
@@ -59,6 +62,14 @@ def scrape(url: str) -> Samples:
     status, body = http_get(url + "/metrics")
     assert status == 200, body
     return parse_metrics(body)
+
+
+def parsed_by_the_cli(argv: Sequence[str], where: str) -> argparse.Namespace:
+    """framelabel's own parser's reading of `argv` (what follows `framelabel`); the test fails if it refuses it."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: the CLI refuses {shlex.join(argv)}")
 
 
 def photo(name: str) -> np.ndarray:

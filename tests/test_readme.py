@@ -1,9 +1,11 @@
-"""The README's quickstarts run as written, and the example configs with local addresses run.
+"""The README's quickstarts run as written, the example configs with local addresses run, and every other
+`framelabel` command the README shows is accepted by the CLI's parser and names files that exist.
 
 Each quickstart block in README.md follows an HTML comment `<!-- quickstart: NAME -->`.
 A shell block is run line by line from the checkout, as a user would after
 `source .venv/bin/activate` (this test's own venv comes first on PATH): a line ending
-in `&` starts in the background and is stopped by the test, any other line must exit 0.
+in `&` starts in the background and is stopped by the test, any other line must exit 0
+(a trailing `# comment` is left out).
 Only the fixed ports (8554 camera, 9092 broker, 9100 live view) are replaced by free ones,
 so that tests can run side by side; a config the README names is copied with the same
 replacement. Everything else is exactly the README's text.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,11 +30,14 @@ import pytest
 
 from pipeline.processes import stop_process
 from tests.cameras import CLIPS, free_port, listening, wait_until
+from tests.helpers import parsed_by_the_cli
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 README = CHECKOUT / "README.md"
 QUICKSTART = re.compile(r"<!-- quickstart: (?P<name>[\w-]+) -->\n```(?P<language>\w+)\n(?P<body>.*?)```", re.DOTALL)
 FIXED_PORTS = ("8554", "9092", "9100")
+TRAILING_COMMENT = re.compile(r"(^|\s+)#.*")
+SH_BLOCK = re.compile(r"^```sh\n(?P<body>.*?)^```", re.DOTALL | re.MULTILINE)
 SERVED_PORT = re.compile(r"(?<![\w-])--port (\d+)")  # what a background line listens on
 COMMAND_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -110,15 +116,16 @@ def session() -> Iterator[Session]:
 def shell_lines(name: str) -> list[str]:
     language, body = quickstarts()[name]
     assert language == "sh"
-    return [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = (TRAILING_COMMENT.sub("", line) for line in body.splitlines())
+    return [line for line in lines if line.strip()]
 
 
 def json_lines(output: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
-def test_the_readme_marks_its_three_quickstarts() -> None:
-    assert set(quickstarts()) == {"camera", "replay", "python"}
+def test_the_readme_marks_its_quickstarts() -> None:
+    assert set(quickstarts()) == {"camera", "replay", "python", "events"}
 
 
 def test_quickstart_live_camera_to_kafka_to_a_consumer() -> None:
@@ -162,6 +169,21 @@ def test_quickstart_replay_and_resume_then_read_in_python(tmp_path: Path) -> Non
         assert 0 < len(printed) <= 76
 
 
+def test_quickstart_events_of_a_replay_paced_like_a_camera() -> None:
+    """`framelabel events` turns what the run publishes into events; the consumer prints the first two."""
+    broker_line, events_line, run_line, consume_line = shell_lines("events")
+    with session() as shell:
+        shell.start(broker_line)
+        events = shell.start(events_line)
+        shell.run(run_line)
+        messages = json_lines(shell.run(consume_line))
+        assert len(messages) == 2
+        assert messages[0]["state"] == "START"
+        assert {(m["source_id"], m["classifier"]) for m in messages} == {("bikes", "framelabel.annotations")}
+        assert {m["label"] for m in messages} <= PEOPLE_AND_VEHICLES
+        assert shell.stop(events) == 0, shell.log(events)
+
+
 def test_the_rtsp_camera_config_runs_against_a_local_camera_and_broker() -> None:
     """configs/rtsp-camera.yaml, as shipped (ports aside): a camera and a broker where it looks for them."""
     with session() as shell:
@@ -175,6 +197,39 @@ def test_the_rtsp_camera_config_runs_against_a_local_camera_and_broker() -> None
         )
         assert [r["source_id"] for r in records] == ["gate", "gate"]
         assert shell.stop(run) == 0, shell.log(run)
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """Every `framelabel …` command of the README's sh blocks, as (its line, argv): continuations joined, the
+    comment and a trailing `&` left out. The synopsis lines, with their optional parts in [brackets], are not
+    commands."""
+    commands = []
+    for block in SH_BLOCK.finditer(README.read_text()):
+        for line in re.sub(r"\\\n\s*", " ", block["body"]).splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:1] == ["framelabel"] and not any(arg.startswith("[") for arg in argv):
+                commands.append((TRAILING_COMMENT.sub("", line).strip(), argv[1:-1] if argv[-1] == "&" else argv[1:]))
+    return commands
+
+
+def checkout_paths(argv: list[str]) -> list[str]:
+    """The files of the checkout that `argv` names (as an argument or after `=`), globs included; absolute paths
+    are the container's (tests/test_stack.py checks what is mounted there)."""
+    paths = [Path(arg.rpartition("=")[2]) for arg in argv]
+    return [str(p) for p in paths if len(p.parts) > 1 and not p.is_absolute() and (CHECKOUT / p.parts[0]).is_dir()]
+
+
+def test_the_readme_shows_commands_of_every_kind() -> None:
+    """The extraction below finds the README's examples: each subcommand shown at least once."""
+    shown = {argv[0] for _, argv in readme_commands()}
+    assert shown >= {"run", "consume", "events", "broker", "sources", "serve", "health"}
+
+
+@pytest.mark.parametrize(("line", "argv"), readme_commands(), ids=[line for line, _ in readme_commands()])
+def test_every_readme_command_is_accepted_and_names_files_that_exist(line: str, argv: list[str]) -> None:
+    parsed_by_the_cli(argv, "README.md")
+    for path in checkout_paths(argv):
+        assert list(CHECKOUT.glob(path)), f"`{line}` names {path}, which is not in the checkout"
 
 
 def test_the_test_camera_without_its_default_clip_says_what_to_do(tmp_path: Path) -> None:

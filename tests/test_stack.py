@@ -35,6 +35,7 @@ from pipeline.report import RunReports
 from pipeline.sources import SourceSettings, open_source
 from services.config import MonitoringSettings, ServiceConfig, load_catalog, load_service_config
 from services.metrics import ServiceMetrics
+from tests.helpers import parsed_by_the_cli
 from tests.kafka import annotated_frame
 from tests.scripted import ScriptedProducer
 
@@ -366,10 +367,7 @@ def test_stack_commands_are_accepted_by_the_cli_and_in_the_readme(source: str, s
     assert commands
     readme = README.read_text()
     for command in commands:
-        try:
-            build_parser().parse_args(command.argv)
-        except SystemExit:
-            pytest.fail(f"{command.where}: the CLI refuses {shlex.join(command.argv)}")
+        parsed_by_the_cli(command.argv, command.where)
         assert command.text in readme, f"{command.where}: `{command.text}` is not in README.md"
 
 
