@@ -157,6 +157,11 @@ def test_quickstart_replay_and_resume_then_read_in_python(tmp_path: Path) -> Non
         records = json_lines(shell.run(consume_line))
         assert [(r["source_id"], r["frame_index"]) for r in records] == [("bikes", i) for i in range(0, 25, 5)]
         assert "@ 9800.000 ms" in shell.run(resume_line)
+        # the resumed replay's records are the first run's from 4800 ms on, with the same frame numbers
+        everything = json_lines(shell.run(consume_line.replace(" --max 5", "")))
+        numbered = [(r["frame_index"], r["media_position_ms"]) for r in everything]
+        assert len(numbered) == 50 + 26
+        assert numbered[50:] == [(index, ms) for index, ms in numbered[:50] if float(ms) >= 4800]
 
         language, program = quickstarts()["python"]
         assert language == "python"

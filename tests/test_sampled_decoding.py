@@ -41,6 +41,14 @@ def with_b_frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(folder, "gop50-b.mp4", "-preset", "medium", "-g", "50", "-sc_threshold", "0", "-bf", "2")
 
 
+@pytest.fixture(scope="module")
+def varying_frame_rate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 s: 50 frames at 25 fps, then 25 at 12.5 fps: no frame rate gives a frame's number from its time."""
+    folder = tmp_path_factory.mktemp("clips")
+    timing = ["-vf", "setpts='if(lt(N,50),N*0.04,2+(N-50)*0.08)/TB'", "-fps_mode", "vfr", "-g", "25"]
+    return make_clip(folder, "vfr.mp4", *timing)
+
+
 def packets(clip: Path) -> list[tuple[float, bool]]:
     """Each video packet's pts in seconds and whether it is a keyframe, by ffprobe (in decode order)."""
     command = ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts_time,flags"]
@@ -141,6 +149,29 @@ async def test_pyav_replays_offsets_and_loops_like_opencv(keyframe_every_second:
     assert positions(frames)[:6] == [0.0, 520.0] * 3
     indexes = [frame.info.index for frame in frames]
     assert indexes == sorted(set(indexes))  # numbers keep growing across passes
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "opencv"])
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingSettings(), SamplingSettings(every_nth=5), SamplingSettings(fps=5)],
+    ids=["every frame", "every_nth", "fps"],
+)
+async def test_a_replay_from_start_ms_numbers_its_frames_as_a_whole_replay_does(
+    varying_frame_rate: Path, decoder: str, sampling: SamplingSettings
+) -> None:
+    """A replay resumed with start_ms publishes the frames of the whole replay's tail, with the same numbers."""
+    for clip, start_ms in ((CAMERA_CLIP, 4800.0), (varying_frame_rate, 2400.0)):
+        settings = SourceSettings(decoder=decoder)
+        _, whole = await read(clip, settings, sampling)
+        _, resumed = await read(clip, settings.model_copy(update={"start_ms": start_ms}), sampling)
+        tail = [frame for frame in whole if (frame.info.media_position_ms or 0.0) >= start_ms]
+        assert tail, clip.name
+        assert numbered(resumed) == numbered(tail), clip.name
+
+
+def numbered(frames: list[Frame]) -> list[tuple[int, float]]:
+    return [(frame.info.index, round(frame.info.media_position_ms or 0.0, 3)) for frame in frames]
 
 
 def test_settings_the_decoder_cannot_apply_are_refused() -> None:

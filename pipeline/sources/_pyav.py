@@ -18,7 +18,8 @@ decodes 25 frames for one. PyAV hands us the compressed packets first, so
 
 Frames keep their number in the stream (in presentation order, counting the
 frames not decoded) and their position from the stream's timestamps,
-relative to its start.
+relative to its start. After a seek, what came before is not counted: the
+first frame's number comes from its timestamp at the stream's frame rate.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 from av.container import InputContainer
@@ -87,6 +89,7 @@ class SparseDecoder:
         start_ms: float = 0.0,
         first_number: int = 0,
         live: bool = False,
+        frame_rate: Fraction | None = None,
     ) -> None:
         self._stats = stats  # its `decoded` counts the frames that came out of the decoder, delivered or not
         self._codec = stream.codec_context
@@ -106,6 +109,10 @@ class SparseDecoder:
         # Frame numbers in presentation order: a frame's number is the count of packets with an earlier pts.
         self._counted = first_number  # packets whose pts lies below every entry of _uncounted
         self._uncounted: list[int] = []  # pts of the packets since then, sorted
+        # After a seek the packets before it are not counted: the first frame out of the decoder is numbered
+        # from its timestamp at this (constant) frame rate, on from `first_number`, and the rest counted on from it.
+        self._first_number = first_number
+        self._frame_rate = frame_rate
 
     def push(self, packet: Packet[VideoStream]) -> list[DecodedFrame]:
         """The wanted frames that this packet completes (often none); an empty packet flushes the decoder."""
@@ -153,6 +160,12 @@ class SparseDecoder:
             number = self._counted - 1  # the latest untimed packet's
         else:  # frames leave the decoder in pts order: what lies below this one is counted for good
             number = self._counted + bisect.bisect_left(self._uncounted, frame.pts)
+            if self._frame_rate is not None and position_ms is not None:
+                shift = self._first_number + round(position_ms * self._frame_rate / 1000) - number
+                self._counted += shift
+                self.packets += shift
+                number += shift
+                self._frame_rate = None
             self._count_up_to(frame.pts)
         if position_ms is not None and position_ms < self._start_ms:
             return None
@@ -179,6 +192,13 @@ class SparseDecoder:
             return None
         position_ms = float((pts - self._origin) * self._time_base * 1000) if self._time_base else math.nan
         return None if math.isnan(position_ms) else position_ms
+
+
+def constant_frame_rate(stream: VideoStream) -> Fraction | None:
+    """The stream's frame rate when it is constant (its average is its base rate), so that a frame's number
+    follows from its timestamp; None when it varies or is unknown."""
+    rate = stream.average_rate
+    return rate if stream.time_base and rate and rate == stream.base_rate else None
 
 
 def uses_pyav(settings: SourceSettings, sampling: SamplingSettings) -> bool:

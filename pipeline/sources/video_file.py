@@ -7,11 +7,14 @@ frame carries its position in the file (`media_position_ms`) and
 `realtime` that is when the frame became due, as if a camera had just taken it.
 
 A sampled replay decodes with PyAV only the frames its sampling keeps (see
-`_pyav`), seeking to the keyframe before `start_ms`; one that keeps every
-frame decodes with OpenCV. Either way the same frames are published. A replay
-resumed after a frame (`resume_after_ms`) reads with PyAV from the file's
-start without decoding what comes before, so that its frames keep the numbers
-a whole replay gives them.
+`_pyav`); one that keeps every frame decodes with OpenCV. Either way the same
+frames are published. Each frame keeps its number in the file whatever
+`start_ms` is, so that a replay started later publishes its frames with the
+numbers a whole replay gives them: with `start_ms` the reader seeks to it and
+numbers the first frame from its timestamp at the file's frame rate (PyAV
+reads a file whose frame rate varies from its start instead, without decoding
+what comes before, and counts). A replay resumed after a frame
+(`resume_after_ms`) reads with PyAV from the file's start in the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +26,21 @@ import math
 import os
 import time
 from collections.abc import Generator, Iterator
+from fractions import Fraction
 
 import cv2
 
 from pipeline.frames import DeliveryPolicy
 from pipeline.sampler import SamplingSettings
 from pipeline.sources._ffmpeg import open_capture
-from pipeline.sources._pyav import DecodedFrame, LibraryError, SparseDecoder, open_video, uses_pyav
+from pipeline.sources._pyav import (
+    DecodedFrame,
+    LibraryError,
+    SparseDecoder,
+    constant_frame_rate,
+    open_video,
+    uses_pyav,
+)
 from pipeline.sources._threaded import FrameHandoff, ThreadedSource
 from pipeline.sources._types import SourceError, SourceSettings
 
@@ -106,9 +117,12 @@ class VideoFileSource(ThreadedSource):
         """Every frame of one pass, decoded by OpenCV; positions counted at the file's fps where it has none."""
         capture = self._open()
         try:
-            if self.settings.start_ms > 0:  # frame-accurate; frames before start are skipped anyway
-                capture.set(cv2.CAP_PROP_POS_MSEC, self.settings.start_ms)
             fps = capture.get(cv2.CAP_PROP_FPS)
+            # With start_ms, frames are numbered in the file, on from the passes before; else as they are read.
+            numbered, numbered_before = self.settings.start_ms > 0, self._numbered
+            rate = self._probed_rate() if numbered else None
+            if rate is not None:  # frame-accurate; a frame rate that varies is read from the start instead
+                capture.set(cv2.CAP_PROP_POS_MSEC, self.settings.start_ms)
             previous_ms: float | None = None
             while True:
                 try:
@@ -119,12 +133,14 @@ class VideoFileSource(ThreadedSource):
                 if not ok:
                     return
                 self.stats.decoded += 1
-                self._numbered += 1
                 position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+                if rate is not None and previous_ms is None:  # the first frame after the seek
+                    self._numbered = numbered_before + round(position_ms * rate / 1000)
+                self._numbered += 1
                 if previous_ms is not None and position_ms <= previous_ms and fps > 0:
                     position_ms = previous_ms + 1000 / fps  # no timestamps (raw streams): count frames instead
                 previous_ms = position_ms
-                yield DecodedFrame(pixels, position_ms, None)
+                yield DecodedFrame(pixels, position_ms, self._numbered - 1 if numbered else None)
         finally:
             capture.release()
 
@@ -133,9 +149,10 @@ class VideoFileSource(ThreadedSource):
         self._check_file()
         name = f"video file {self.path}"
         container, stream = open_video(self.path, name, {}, None, self.settings.decode_threads)
-        decoder = SparseDecoder(stream, self.sampling, self.stats, self._first_ms, self._numbered)
+        rate = constant_frame_rate(stream) if self.settings.start_ms > 0 and not self._resuming else None
+        decoder = SparseDecoder(stream, self.sampling, self.stats, self._first_ms, self._numbered, frame_rate=rate)
         try:
-            if self.settings.start_ms > 0 and not self._resuming and stream.time_base:  # to the keyframe before it
+            if rate is not None and stream.time_base:  # to the keyframe before start_ms
                 offset = int(self.settings.start_ms / 1000 / stream.time_base) + (stream.start_time or 0)
                 container.seek(offset, stream=stream, backward=True)
             for packet in container.demux(stream):
@@ -144,6 +161,14 @@ class VideoFileSource(ThreadedSource):
             self._read_failed(exc)
         finally:
             self._numbered = decoder.packets
+            container.close()
+
+    def _probed_rate(self) -> Fraction | None:
+        """The file's constant frame rate, read by PyAV: OpenCV does not tell a frame rate that varies apart."""
+        container, stream = open_video(self.path, f"video file {self.path}", {}, None, 1)
+        try:
+            return constant_frame_rate(stream)
+        finally:
             container.close()
 
     def _read_failed(self, exc: Exception) -> None:
