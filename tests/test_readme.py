@@ -25,9 +25,12 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pipeline.cli import main
+from pipeline.config import RunConfig
 from pipeline.processes import stop_process
 from tests.cameras import CLIPS, free_port, listening, wait_until
 from tests.helpers import parsed_by_the_cli
@@ -235,6 +238,45 @@ def test_every_readme_command_is_accepted_and_names_files_that_exist(line: str, 
     parsed_by_the_cli(argv, "README.md")
     for path in checkout_paths(argv):
         assert list(CHECKOUT.glob(path)), f"`{line}` names {path}, which is not in the checkout"
+
+
+def test_framelabel_run_with_no_arguments_replays_the_sample_clip() -> None:
+    """The README's first `run` example, as a new user types it: the sample clip, imagenet, an embedded broker."""
+    [line] = [line for line, argv in readme_commands() if argv == ["run"]]
+    with session() as shell:
+        output = shell.run(line)
+    assert "embedded Kafka broker" in output
+    assert "bigbuckbunny (replay) → in-process classifier imagenet" in output
+    assert "frame 131 @ 5240.000 ms" in output  # the clip's last frame published
+
+
+def started_here(argv: list[str]) -> bool:
+    """A `run` or `serve` command whose files are this checkout's (absolute paths are a container's)."""
+    return argv[0] in {"run", "serve"} and not any(Path(arg).is_absolute() for arg in argv)
+
+
+@pytest.mark.parametrize(
+    ("line", "argv"),
+    [command for command in readme_commands() if started_here(command[1])],
+    ids=[line for line, argv in readme_commands() if started_here(argv)],
+)
+def test_every_readme_run_and_serve_command_starts_with_what_it_says(
+    line: str, argv: list[str], started_configs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the parser: the CLI builds the config it would start with (the run or the service returns at once),
+    with the sources, topic and annotator the command names."""
+    monkeypatch.chdir(CHECKOUT)
+    monkeypatch.setenv("FRAMELABEL_API_KEYS", "readme-key")  # as the README says for `serve --host 0.0.0.0`
+    assert main(argv) == 0, line
+    args = parsed_by_the_cli(argv, "README.md")
+    if argv[0] == "serve":
+        assert started_configs["serve"].host == (args.host or "127.0.0.1")
+        return
+    run: RunConfig = started_configs["run"]
+    assert {source.id for source in run.sources} >= {source.partition("=")[0] for source in args.source or []}
+    assert run.kafka.topic == (args.topic or run.kafka.topic)
+    assert run.annotator.classifier == (args.classifier or run.annotator.classifier)
+    assert run.annotator.targets == tuple(args.target or run.annotator.targets)
 
 
 def test_the_test_camera_without_its_default_clip_says_what_to_do(tmp_path: Path) -> None:

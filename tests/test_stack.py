@@ -24,8 +24,6 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import pipeline.job
-import services.server
 from pipeline.cli import build_parser, main
 from pipeline.config import RunConfig, load_run_config
 from pipeline.kafka import KafkaSettings
@@ -302,22 +300,11 @@ def test_every_mounted_config_loads(path: Path) -> None:
 
 
 @pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The config `framelabel run` or `serve` would start with: the CLI runs up to that point."""
-    configs: dict[str, Any] = {}
-
-    async def run_job(config: RunConfig, *args: object) -> int:
-        configs["run"] = config
-        return 0
-
-    async def serve(config: ServiceConfig, *args: object) -> None:
-        configs["serve"] = config
-
-    monkeypatch.setattr(pipeline.job, "run_job", run_job)
-    monkeypatch.setattr(services.server, "serve", serve)
+def captured(started_configs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The config `framelabel run` or `serve` would start with, with the stack's secrets in the environment."""
     for name, value in STACK_SECRETS.items():
         monkeypatch.setenv(name, value)
-    return configs
+    return started_configs
 
 
 def assert_monitored_with_a_token(metrics: MonitoringSettings, service: dict[str, Any]) -> None:
