@@ -187,8 +187,8 @@ def test_quickstart_events_of_a_replay_paced_like_a_camera() -> None:
         messages = json_lines(shell.run(consume_line))
         assert len(messages) == 2
         assert messages[0]["state"] == "START"
-        assert {(m["source_id"], m["classifier"]) for m in messages} == {("bikes", "framelabel.annotations")}
-        assert {m["label"] for m in messages} <= PEOPLE_AND_VEHICLES
+        assert {(m["source_id"], m["classifier"]) for m in messages} == {("bikes", "objects")}
+        assert {m["label"] for m in messages} <= PEOPLE_AND_VEHICLES, messages
         assert shell.stop(events) == 0, shell.log(events)
 
 
