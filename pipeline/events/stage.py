@@ -311,6 +311,18 @@ class EventsStage:
         open_events = sum(self._tracker.open_events(source_id) for source_id in self._tracker.sources)
         log.info("events: state of %d sources restored (%d events open)", len(self._tracker.sources), open_events)
 
+    async def take_over(self, assigned: set[TopicPartition]) -> None:
+        """Restore the state of newly assigned partitions before any of their records is observed.
+
+        aiokafka fetches for a new assignment while its rebalance callback runs, so a record read meanwhile
+        would meet a tracker without its source's state and start the source's events afresh."""
+        consumer = self._require(self._consumer)
+        consumer.pause(*assigned)
+        try:
+            await self.restore({tp.partition for tp in assigned})
+        finally:
+            consumer.resume(*assigned)
+
     def revoke(self, partitions: set[int]) -> None:
         """Forget the sources of partitions another member now owns: their state lives on in the changelog."""
         for source_id, partition in list(self._partition_of.items()):
@@ -354,4 +366,4 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         self._stage.revoke({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._stage.restore({tp.partition for tp in assigned})
+        await self._stage.take_over(assigned)
