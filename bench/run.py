@@ -28,7 +28,7 @@ from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
 from bench.sampled import measure_sampled
-from bench.service_load import measure_service, serving
+from bench.service_load import measure_service, serving_as_in_process
 from bench.stages import SMALL, cores, measure_stages
 from bench.timing import Sample, paired, summarise
 from pipeline.broker import EmbeddedBroker
@@ -171,7 +171,7 @@ def run(
                 ceiling,
             ),
         )
-        with serving("classifier: imagenet\n") as address:
+        with serving_as_in_process() as address:
             results["replay_grpc_720p_downscaled"] = figure(
                 "replay through the gRPC service",
                 lambda: replays(lambda: run_replay(broker, clip, core_count, "--target", address), repeats),

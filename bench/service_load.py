@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from grpc import aio
 
+from bench.stages import PIPELINE_CAPS
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api.image_pb2 import Image
+from services.config import load_catalog
 
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
 READY = re.compile(r"serving classifier .* on [\d.]+:(\d+)")
@@ -68,6 +71,18 @@ def serving(config_yaml: str) -> Iterator[str]:
         finally:
             process.terminate()
             process.wait(30)
+
+
+@contextmanager
+def serving_as_in_process() -> Iterator[str]:
+    """`framelabel serve` of imagenet capped as `framelabel run` caps it in-process (top 5, only their labels in
+    the specification), so that a replay through it gets the same response and differs by the transport alone."""
+    entry = load_catalog(None).classifiers["imagenet"].model_dump(mode="json", exclude_unset=True) | PIPELINE_CAPS
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as catalog:
+        yaml.safe_dump({"classifiers": {"imagenet": entry}}, catalog)
+        catalog.flush()
+        with serving(f"classifier: imagenet\nclassifiers_file: {catalog.name}\n") as address:
+            yield address
 
 
 async def load(address: str, request: AnnotationRequest, concurrency: int, seconds: float) -> LoadResult:
