@@ -74,15 +74,22 @@ def serving(config_yaml: str) -> Iterator[str]:
 
 
 @contextmanager
-def serving_as_in_process() -> Iterator[str]:
-    """`framelabel serve` of imagenet capped as `framelabel run` caps it in-process (top 5, only their labels in
-    the specification), so that a replay through it gets the same response and differs by the transport alone."""
+def capped_catalog() -> Iterator[str]:
+    """A classifiers file with imagenet capped as `framelabel run` caps it in-process: the top 5, only their labels
+    in the specification (the service answers all 1,000 otherwise, as the upstream API does)."""
     entry = load_catalog(None).classifiers["imagenet"].model_dump(mode="json", exclude_unset=True) | PIPELINE_CAPS
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as catalog:
         yaml.safe_dump({"classifiers": {"imagenet": entry}}, catalog)
         catalog.flush()
-        with serving(f"classifier: imagenet\nclassifiers_file: {catalog.name}\n") as address:
-            yield address
+        yield catalog.name
+
+
+@contextmanager
+def serving_as_in_process() -> Iterator[str]:
+    """`framelabel serve` of imagenet capped as in-process, so that a replay through it gets the same response
+    and differs by the transport alone."""
+    with capped_catalog() as catalog, serving(f"classifier: imagenet\nclassifiers_file: {catalog}\n") as address:
+        yield address
 
 
 async def load(address: str, request: AnnotationRequest, concurrency: int, seconds: float) -> LoadResult:
@@ -114,9 +121,9 @@ async def load(address: str, request: AnnotationRequest, concurrency: int, secon
 
 
 def measure_service(
-    jpeg: bytes, concurrencies: tuple[int, ...], seconds: float, batching: bool
+    jpeg: bytes, concurrencies: tuple[int, ...], seconds: float, batching: bool, extra_config: str = ""
 ) -> dict[int, LoadResult]:
-    config = "inference_threads: 2\n"
+    config = "inference_threads: 2\n" + extra_config
     if batching:
         config += "batching: {max_batch: 8, max_wait_ms: 2}\n"
     request = AnnotationRequest(image=Image(content=jpeg, image_type=Image.JPEG))
