@@ -21,13 +21,14 @@ import cv2
 import simplejpeg
 
 from bench.cluster import measure_failover, measure_scaling, measure_transactions
+from bench.encode_size import measure_encode_size
 from bench.events import measure_events
 from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
 from bench.sampled import measure_sampled
-from bench.service_load import measure_service, serving
+from bench.service_load import capped_catalog, measure_service, serving_as_in_process
 from bench.stages import SMALL, cores, measure_stages
 from bench.timing import Sample, paired, summarise
 from pipeline.broker import EmbeddedBroker
@@ -55,14 +56,33 @@ def replays(measure: Callable[[], ReplayResult], repeats: int) -> dict[str, Any]
     }
 
 
-def replay_rates(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str) -> dict[str, float]:
-    """One replay's steady-state rate as `fps` (its start-to-end rate when the steady one is missing)."""
-    result = run_replay(broker, clip, cores, *extra_args)
-    return {"fps": result.steady_fps or result.fps, "start_to_end_fps": result.fps}
+def replay_rates(broker: EmbeddedBroker, clip: Path, cores: int, *extra_args: str, **source: Any) -> dict[str, float]:
+    """One replay's steady-state rate as `fps` (its start-to-end rate when the steady one is missing), and the
+    process's CPU per frame (start-up included)."""
+    result = run_replay(broker, clip, cores, *extra_args, **source)
+    return {
+        "fps": result.steady_fps or result.fps,
+        "start_to_end_fps": result.fps,
+        "cpu_ms_per_frame": result.cpu_seconds / result.frames * 1000,
+    }
 
 
 def naive_rate(broker: EmbeddedBroker, clip: Path) -> dict[str, float]:
     return {"fps": run_naive(broker, clip, 300)}
+
+
+def paired_replays(
+    ours: Callable[[], dict[str, float]], baseline: Callable[[], dict[str, float]], pairs: int, ceiling: float
+) -> dict[str, Any]:
+    """`summarise` of interleaved steady-state replays, their CPU per frame, and ours ÷ `ceiling` pair by pair."""
+    measured = paired(ours, baseline, pairs)
+    return summarise(measured, "fps") | {
+        "ours_to_ceiling": Sample.of([o["fps"] / ceiling for o, _ in measured]).as_json(3),
+        "load_average": os.getloadavg(),
+        "cpu_ms_per_frame": summarise(measured, "cpu_ms_per_frame", 2)
+        if all("cpu_ms_per_frame" in b for _, b in measured)
+        else None,
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -100,6 +120,7 @@ def run(
     }
     stages = measure_stages(clip, repeats)
     results["int8_variant"] = figure("INT8 imagenet against fp32", lambda: measure_int8(clip, 300, repeats))
+    results["encode_size"] = figure("encoding at the classifier's size against 640 px", measure_encode_size)
     results["stage_cpu_ms"] = {name: sample.as_json() for name, sample in stages.per_stage_ms.items()}
     results["cpu_per_frame_ms"] = {r: round(stages.cpu_per_frame_ms(r), 3) for r in stages.pipeline_stages}
     results["ceiling_fps"] = {r: round(stages.ceiling_fps(r, core_count), 1) for r in stages.pipeline_stages}
@@ -109,8 +130,13 @@ def run(
             "replay 720p, full frames",
             lambda: replays(lambda: run_replay(broker, clip, core_count, max_side=None), repeats),
         )
+        results["replay_720p_classifier_size"] = figure(
+            "replay 720p, encoded at the classifier's size (the default)",
+            lambda: replays(lambda: run_replay(broker, clip, core_count), repeats),
+        )
         results["replay_720p_downscaled"] = figure(
-            "replay 720p, downscaled to 640", lambda: replays(lambda: run_replay(broker, clip, core_count), repeats)
+            "replay 720p, downscaled to 640 (size: max_side)",
+            lambda: replays(lambda: run_replay(broker, clip, core_count, size="max_side"), repeats),
         )
         results["replay_720p_downscaled_int8"] = figure(
             "replay 720p, downscaled, imagenet-int8",
@@ -129,26 +155,35 @@ def run(
         results["naive_loop_fps"] = figure(
             "naive loop", lambda: Sample.of([run_naive(broker, clip, 300) for _ in range(repeats)]).as_json(2)
         )
+        ceiling = results["ceiling_fps"]["455x256"]
         results["paired_replay_to_naive_loop"] = figure(
             "replay and naive loop, interleaved pairs",
-            lambda: summarise(
-                paired(lambda: replay_rates(broker, clip, core_count), lambda: naive_rate(broker, clip), pairs), "fps"
+            lambda: paired_replays(
+                lambda: replay_rates(broker, clip, core_count), lambda: naive_rate(broker, clip), pairs, ceiling
             ),
         )
-        with serving("classifier: imagenet\n") as address:
+        results["paired_classifier_size_to_max_side"] = figure(
+            "replays at the classifier's size and at 640 px, interleaved pairs",
+            lambda: paired_replays(
+                lambda: replay_rates(broker, clip, core_count),
+                lambda: replay_rates(broker, clip, core_count, size="max_side"),
+                pairs,
+                ceiling,
+            ),
+        )
+        with serving_as_in_process() as address:
             results["replay_grpc_720p_downscaled"] = figure(
                 "replay through the gRPC service",
                 lambda: replays(lambda: run_replay(broker, clip, core_count, "--target", address), repeats),
             )
+            # both at 640 px: the client does not know the service's model, so it sends max_side
             results["paired_grpc_to_in_process"] = figure(
                 "gRPC and in-process replays, interleaved pairs",
-                lambda: summarise(
-                    paired(
-                        lambda: replay_rates(broker, clip, core_count, "--target", address),
-                        lambda: replay_rates(broker, clip, core_count),
-                        pairs,
-                    ),
-                    "fps",
+                lambda: paired_replays(
+                    lambda: replay_rates(broker, clip, core_count, "--target", address),
+                    lambda: replay_rates(broker, clip, core_count, size="max_side"),
+                    pairs,
+                    results["ceiling_fps"]["640x360"],
                 ),
             )
 
@@ -158,6 +193,14 @@ def run(
             f"service alone, {mode}",
             lambda batching=batching: {
                 str(c): r.as_json() for c, r in measure_service(jpeg, CONCURRENCIES, 5.0, batching).items()
+            },
+        )
+    with capped_catalog() as catalog:  # answering the top 5, as `framelabel run` asks in-process
+        results["service_unbatched_top5"] = figure(
+            "service alone, unbatched, top 5",
+            lambda: {
+                str(c): r.as_json()
+                for c, r in measure_service(jpeg, CONCURRENCIES, 5.0, False, f"classifiers_file: {catalog}\n").items()
             },
         )
     results["live_4_rtsp_cameras"] = (
@@ -200,6 +243,7 @@ def sample_jpeg(clip: Path) -> bytes:
 
 def add_ratios(results: dict[str, Any]) -> None:
     full, downscaled = median_fps(results["replay_720p_full_frames"]), median_fps(results["replay_720p_downscaled"])
+    default = median_fps(results["replay_720p_classifier_size"], "steady_fps")
     naive = results["naive_loop_fps"].get("median") if isinstance(results["naive_loop_fps"], dict) else None
     peer = results["peer_roboflow"].get("fps") if isinstance(results["peer_roboflow"], dict) else None
     service = results["service_batched"], results["service_unbatched"]
@@ -216,6 +260,10 @@ def add_ratios(results: dict[str, Any]) -> None:
         "grpc_to_in_process": ratio(median_fps(results["replay_grpc_720p_downscaled"]), downscaled),
         "service_batched_c16_to_c1": _service_ratio(service[0]),
         "service_unbatched_c16_to_c1": _service_ratio(service[1]),
+        "service_unbatched_top5_c16_to_c1": _service_ratio(results["service_unbatched_top5"]),
+        "steady_state_replay_720p_classifier_size_to_ceiling": ratio(default, results["ceiling_fps"]["455x256"]),
+        "steady_state_classifier_size_to_naive_loop": ratio(default, naive),
+        "steady_state_classifier_size_to_roboflow_peer": ratio(default, peer),
         "steady_state_replay_720p_downscaled_to_ceiling": ratio(
             median_fps(results["replay_720p_downscaled"], "steady_fps"), results["ceiling_fps"]["640x360"]
         ),
@@ -258,9 +306,11 @@ def print_table(results: dict[str, Any]) -> None:
     for resolution, value in results["cpu_per_frame_ms"].items():
         line(f"{resolution}", f"{value} ms/frame → ceiling {results['ceiling_fps'][resolution]} frames/s")
     line("int8_variant", results["int8_variant"])
+    line("encode_size", results["encode_size"])
     print("3–5. replays (frames/s, CPU utilisation of all cores, peak RSS MB):")
     for key in (
         "replay_720p_full_frames",
+        "replay_720p_classifier_size",
         "replay_720p_downscaled",
         "replay_720p_downscaled_int8",
         "replay_720p_downscaled_objects",
@@ -279,7 +329,7 @@ def print_table(results: dict[str, Any]) -> None:
             )
     line("naive_loop_fps", results["naive_loop_fps"])
     print("6. service alone (requests/s, p50/p99 ms):")
-    for mode in ("service_unbatched", "service_batched"):
+    for mode in ("service_unbatched", "service_batched", "service_unbatched_top5"):
         line(mode, results[mode])
     print("7. live:")
     line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
@@ -294,7 +344,7 @@ def print_table(results: dict[str, Any]) -> None:
     line("events_stage", results["events_stage"])
     print_cluster(results["cluster"])
     print("ratios from interleaved pairs (steady-state replays), median [min–max] of ours / baseline:")
-    for key in ("paired_replay_to_naive_loop", "paired_grpc_to_in_process"):
+    for key in ("paired_replay_to_naive_loop", "paired_classifier_size_to_max_side", "paired_grpc_to_in_process"):
         line(key, results[key])
     print("ratios of medians (not paired; replays at the steady state where it says so):")
     for name, value in results["ratios"].items():

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from grpc import aio
 
+from bench.stages import PIPELINE_CAPS
 from services.api.image_classifier_pb2 import AnnotationRequest
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api.image_pb2 import Image
+from services.config import load_catalog
 
 FRAMELABEL = str(Path(sys.executable).with_name("framelabel"))
 READY = re.compile(r"serving classifier .* on [\d.]+:(\d+)")
@@ -70,6 +73,25 @@ def serving(config_yaml: str) -> Iterator[str]:
             process.wait(30)
 
 
+@contextmanager
+def capped_catalog() -> Iterator[str]:
+    """A classifiers file with imagenet capped as `framelabel run` caps it in-process: the top 5, only their labels
+    in the specification (the service answers all 1,000 otherwise, as the upstream API does)."""
+    entry = load_catalog(None).classifiers["imagenet"].model_dump(mode="json", exclude_unset=True) | PIPELINE_CAPS
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as catalog:
+        yaml.safe_dump({"classifiers": {"imagenet": entry}}, catalog)
+        catalog.flush()
+        yield catalog.name
+
+
+@contextmanager
+def serving_as_in_process() -> Iterator[str]:
+    """`framelabel serve` of imagenet capped as in-process, so that a replay through it gets the same response
+    and differs by the transport alone."""
+    with capped_catalog() as catalog, serving(f"classifier: imagenet\nclassifiers_file: {catalog}\n") as address:
+        yield address
+
+
 async def load(address: str, request: AnnotationRequest, concurrency: int, seconds: float) -> LoadResult:
     latencies: list[float] = []
     errors = 0
@@ -99,9 +121,9 @@ async def load(address: str, request: AnnotationRequest, concurrency: int, secon
 
 
 def measure_service(
-    jpeg: bytes, concurrencies: tuple[int, ...], seconds: float, batching: bool
+    jpeg: bytes, concurrencies: tuple[int, ...], seconds: float, batching: bool, extra_config: str = ""
 ) -> dict[int, LoadResult]:
-    config = "inference_threads: 2\n"
+    config = "inference_threads: 2\n" + extra_config
     if batching:
         config += "batching: {max_batch: 8, max_wait_ms: 2}\n"
     request = AnnotationRequest(image=Image(content=jpeg, image_type=Image.JPEG))

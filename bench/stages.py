@@ -24,9 +24,10 @@ from pipeline.frames import AnnotatedFrame, FrameInfo
 from pipeline.kafka import KafkaSettings
 from pipeline.publisher import Publisher
 from services.classifier import Classifier, load_classifier
-from services.imaging import resize
+from services.imaging import downscale, resize
 
 SMALL = (640, 360)
+CLASSIFIER_SIZE = (455, 256)  # 1280×720 at imagenet's input size, shorter side 256 (the encoder's default)
 PIPELINE_CAPS = {"top_k": 5, "specification_labels": "annotated"}  # what `framelabel run` asks for
 
 
@@ -99,6 +100,9 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
     jpeg_big = simplejpeg.encode_jpeg(big, quality=85, colorspace="BGR")
     jpeg_small = simplejpeg.encode_jpeg(small, quality=85, colorspace="BGR")
     rgb_small = simplejpeg.decode_jpeg(jpeg_small, colorspace="RGB")
+    at_classifier = downscale(big, *CLASSIFIER_SIZE)
+    jpeg_at_classifier = simplejpeg.encode_jpeg(at_classifier, quality=95, colorspace="BGR")
+    rgb_at_classifier = simplejpeg.decode_jpeg(jpeg_at_classifier, colorspace="RGB")
     imagenet = load_classifier("imagenet", overrides=PIPELINE_CAPS)
     scores = imagenet.confidences(rgb_small)
     costs = {
@@ -120,6 +124,18 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
         "jpeg_decode_640x360_simplejpeg": repeat(
             lambda: cpu_ms_per_call(lambda: simplejpeg.decode_jpeg(jpeg_small, "RGB"), 100), repeats
         ),
+        "resize_720p_to_455x256": repeat(
+            lambda: cpu_ms_per_call(lambda: downscale(big, *CLASSIFIER_SIZE), 200), repeats
+        ),
+        "jpeg_encode_455x256_q95": repeat(
+            lambda: cpu_ms_per_call(lambda: simplejpeg.encode_jpeg(at_classifier, 95, "BGR"), 100), repeats
+        ),
+        "jpeg_decode_455x256_q95": repeat(
+            lambda: cpu_ms_per_call(lambda: simplejpeg.decode_jpeg(jpeg_at_classifier, "RGB"), 100), repeats
+        ),
+        "preprocess_imagenet_455x256": repeat(
+            lambda: cpu_ms_per_call(lambda: imagenet.preprocess(rgb_at_classifier), 200), repeats
+        ),
         "preprocess_imagenet": repeat(lambda: cpu_ms_per_call(lambda: imagenet.preprocess(rgb_small), 200), repeats),
         "inference_imagenet_batch1": repeat(lambda: inference_ms(imagenet, rgb_small, 1, 40), repeats),
         "inference_imagenet_batch4": repeat(lambda: inference_ms(imagenet, rgb_small, 4, 10), repeats),
@@ -136,11 +152,13 @@ def measure_stages(clip: Path, repeats: int = 5) -> StageCosts:
     imagenet_stages = ("preprocess_imagenet", "inference_imagenet_batch1")
     common = ("video_decode_720p", "response_and_serialise", "kafka_produce")
     small = ("resize_720p_to_640x360", "jpeg_encode_640x360", "jpeg_decode_640x360_simplejpeg")
+    at_classifier_size = ("resize_720p_to_455x256", "jpeg_encode_455x256_q95", "jpeg_decode_455x256_q95")
     return StageCosts(
         per_stage_ms=costs,
         pipeline_stages={
             "720p": (*common, *imagenet_stages, "jpeg_encode_720p", "jpeg_decode_720p_simplejpeg"),
             "640x360": (*common, *imagenet_stages, *small),
+            "455x256": (*common, "preprocess_imagenet_455x256", "inference_imagenet_batch1", *at_classifier_size),
             "640x360_objects": (*common, "preprocess_objects", "inference_objects_batch1", *small),
         },
     )

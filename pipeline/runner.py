@@ -191,7 +191,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            encoded = await loop.run_in_executor(encode_pool, encode, frame, lane.encoding)
+            encoded = await loop.run_in_executor(encode_pool, encode, frame, lane.encoding, self._annotator.input_size)
         except ValueError as exc:
             report.failed += 1
             log.warning("source %s frame %d: cannot encode: %s", report.source_id, index, exc)

@@ -30,7 +30,7 @@ from services.api.image_classifier_pb2 import (
 from services.config import ClassifierConfig, LabelConfig, load_catalog, local_path
 from services.errors import ConfigError
 from services.imaging import ImageLimits, RGBImage, decode_image
-from services.model_families import FAMILIES, ModelFamily, Tensor
+from services.model_families import FAMILIES, InputSize, ModelFamily, Tensor
 
 MULTI_CLASS_TOLERANCE = 1e-6
 
@@ -71,6 +71,11 @@ class Classifier:
         count = len(self.confidences(probe))
         if count != len(self.labels):
             raise ConfigError(f"classifier {self.name}: model gives {count} scores but {len(self.labels)} labels")
+
+    @property
+    def input_size(self) -> InputSize | None:
+        """The smallest picture this model gives the same answer on, if its family declares one."""
+        return self._family.input_size
 
     def confidences(self, pixels: RGBImage) -> NDArray[np.float64]:
         return self.infer(self.preprocess(pixels)[np.newaxis])[0]

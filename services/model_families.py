@@ -19,6 +19,7 @@ families match the shipped models:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
@@ -30,7 +31,23 @@ FamilyName = Literal["efficientnet", "open_nsfw", "nudenet", "yolov3"]
 Tensor = NDArray[np.float32]
 
 
+@dataclass(frozen=True)
+class InputSize:
+    """The smallest picture a family's preprocessing gives the network the same input from: its first step scales
+    any picture down to this (one of the two sides)."""
+
+    shorter_side: int
+
+    def scale(self, width: int, height: int) -> float:
+        """The factor that brings a `width`×`height` picture down to this size (1 for one that is not larger)."""
+        return min(1.0, self.shorter_side / min(width, height))
+
+
 class ModelFamily(Protocol):
+    # None: the family declares no such size (open_nsfw squashes every picture to 256×256, so no smaller picture
+    # gives it the same input; nudenet and yolov3 have not been measured at their own size)
+    input_size: InputSize | None
+
     def preprocess(self, pixels: RGBImage) -> Tensor:
         """One image's network input, without the batch axis."""
         ...
@@ -42,7 +59,8 @@ class ModelFamily(Protocol):
 
 def _resize_centre_crop(pixels: RGBImage, resized: tuple[int, int], crop: int) -> RGBImage:
     width, height = resized
-    scaled = resize(pixels, width, height)
+    same_size = (height, width) == pixels.shape[:2]  # encoded at the family's input size already
+    scaled = pixels if same_size else resize(pixels, width, height)
     top, left = (height - crop) // 2, (width - crop) // 2
     return scaled[top : top + crop, left : left + crop]
 
@@ -56,6 +74,7 @@ def _softmax(logits: Tensor) -> NDArray[np.float64]:
 class EfficientNet:
     RESIZE = 256
     CROP = 224
+    input_size: InputSize | None = InputSize(shorter_side=RESIZE)
 
     def preprocess(self, pixels: RGBImage) -> Tensor:
         height, width = pixels.shape[:2]
@@ -69,6 +88,7 @@ class EfficientNet:
 
 
 class OpenNsfw:
+    input_size: InputSize | None = None
     RESIZE = 256
     CROP = 224
     MEAN_BGR = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -85,6 +105,7 @@ class OpenNsfw:
 
 
 class NudeNet:
+    input_size: InputSize | None = None
     SIZE = 320
     BOX_FIELDS = 4  # cx, cy, w, h before the class scores
 
@@ -103,6 +124,7 @@ class NudeNet:
 
 
 class YoloV3:
+    input_size: InputSize | None = None
     SIZE = 416
     FILL = 0.5  # Darknet letterboxes on mid grey
     OBJECTNESS = 4  # the row after the box terms tx, ty, tw, th; the class logits follow

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.annotators import AnnotatorLifetime
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse, ClassAnnotation, Label
+from services.model_families import InputSize
 
 # (source id, frame index, attempt starting at 1) → the error that send's delivery fails with, or None
 SendOutcome = Callable[[str, int, int], BaseException | None]
@@ -92,6 +93,10 @@ class ScriptedAnnotator(AnnotatorLifetime):
     @property
     def ready(self) -> bool:
         return self.started and not self.closed
+
+    @property
+    def input_size(self) -> InputSize | None:
+        return None  # frames are encoded at max_side, as for a service
 
     async def start(self) -> None:
         self.started = True

@@ -11,6 +11,7 @@ from services.api.image_classifier_pb2 import ClassifierSpecification
 from services.classifier import Classifier, load_classifier
 from services.config import load_catalog
 from services.errors import ConfigError
+from services.imaging import downscale, resize
 from tests.helpers import jpeg, photo, request
 
 # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -34,6 +35,16 @@ def test_int8_imagenet_agrees_on_a_clear_photo() -> None:
     name, confidence = top_label(int8, "coffee")
     assert name == "espresso"
     assert confidence > 0.8
+
+
+def test_imagenet_gets_the_same_input_from_a_picture_at_its_input_size(classifiers: dict[str, Classifier]) -> None:
+    imagenet = classifiers["imagenet"]
+    assert imagenet.input_size is not None
+    frame = resize(photo("chelsea"), 1280, 720)
+    scale = imagenet.input_size.scale(1280, 720)
+    at_input_size = downscale(frame, round(1280 * scale), round(720 * scale))
+    assert at_input_size.shape == (256, 455, 3)
+    assert (imagenet.preprocess(at_input_size) == imagenet.preprocess(downscale(frame, 640, 360))).all()
 
 
 def test_imagenet_sees_a_cat_in_chelsea(classifiers: dict[str, Classifier]) -> None:

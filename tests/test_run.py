@@ -87,7 +87,7 @@ async def test_file_replay_in_process_publishes_every_frame_in_order(broker: Emb
     assert positions[0] == 0.0
     assert all(b is not None and a is not None and b > a for a, b in itertools.pairwise(positions))
     first = records[0]
-    assert (first.source_id, first.image_width, first.image_height) == ("bunny", 640, 360)
+    assert (first.source_id, first.image_width, first.image_height) == ("bunny", 455, 256)  # imagenet's own size
     assert first.content_type == PROTOBUF_CONTENT_TYPE
     assert first.timestamp_ms == first.capture_time_ms
     assert started_ms <= first.capture_time_ms <= ended_ms  # the wall clock when this run read it

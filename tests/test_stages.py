@@ -16,6 +16,7 @@ from pipeline.kafka import EMBEDDED
 from pipeline.sampler import Sampler, SamplingSettings
 from services.api.image_pb2 import Image
 from services.errors import ConfigError
+from services.model_families import InputSize
 from tests.cameras import CLIPS
 
 
@@ -79,6 +80,37 @@ def test_encoder_leaves_small_frames_and_full_resolution_alone() -> None:
     assert (small.width, small.height) == (320, 240)
     full = encode(frame(1280, 720), EncoderSettings(max_side=None))
     assert (full.width, full.height) == (1280, 720)
+
+
+IMAGENET_SIZE = InputSize(shorter_side=256)
+
+
+def test_encoder_sends_the_classifiers_size_at_quality_95() -> None:
+    red = frame(1280, 720)
+    encoded = encode(red, EncoderSettings(), IMAGENET_SIZE)
+    assert (encoded.width, encoded.height) == (455, 256)
+    content = encoded.request.image.content
+    assert content == encode(red, EncoderSettings(jpeg_quality=95), IMAGENET_SIZE).request.image.content
+    assert content != encode(red, EncoderSettings(jpeg_quality=85), IMAGENET_SIZE).request.image.content
+
+
+@pytest.mark.parametrize(
+    ("settings", "input_size", "size"),
+    [
+        (EncoderSettings(size="max_side"), IMAGENET_SIZE, (640, 360)),  # asked for max_side
+        (EncoderSettings(), None, (640, 360)),  # a gRPC service: its model's size is not known
+        (EncoderSettings(max_side=320), IMAGENET_SIZE, (320, 180)),  # max_side bounds the classifier's size
+        (EncoderSettings(max_side=None), IMAGENET_SIZE, (455, 256)),
+    ],
+)
+def test_encoder_size_settings(settings: EncoderSettings, input_size: InputSize | None, size: tuple[int, int]) -> None:
+    encoded = encode(frame(1280, 720), settings, input_size)
+    assert (encoded.width, encoded.height) == size
+
+
+def test_encoder_never_enlarges_a_frame_below_the_classifiers_size() -> None:
+    encoded = encode(frame(320, 240), EncoderSettings(), IMAGENET_SIZE)
+    assert (encoded.width, encoded.height) == (320, 240)
 
 
 def test_defaults_are_the_demo(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Both kinds, in-process and gRPC, look the same to the pipeline. They raise
 `InvalidImageError` for a frame that will never be accepted, and
-`AnnotatorError` for everything else. Each has a lifetime: `start()` loads the
+`AnnotatorError` for everything else. An in-process one may know the picture
+size its model works at (`input_size`), which the encoder can send instead of
+a larger one. Each has a lifetime: `start()` loads the
 model or reaches the service (raising `ConfigError` or `AnnotatorUnavailable`
 when it cannot), `ready` says whether calls will be served, `close()` lets go
 of threads and channels; `async with annotator:` does the first and the last.
@@ -14,6 +16,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
+from services.model_families import InputSize
 
 
 class Annotator(Protocol):
@@ -25,6 +28,11 @@ class Annotator(Protocol):
     @property
     def ready(self) -> bool:
         """Started and not closed: calls will be served."""
+        ...
+
+    @property
+    def input_size(self) -> InputSize | None:
+        """The smallest picture the model gives the same answer on, once started; None when unknown (a service)."""
         ...
 
     async def start(self) -> None: ...

@@ -44,6 +44,7 @@ from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationRespo
 from services.api.image_classifier_service_pb2_grpc import ImageClassifierServiceStub
 from services.api_names import SERVICE_NAME
 from services.errors import AnnotatorError, AnnotatorUnavailable, InvalidImageError
+from services.model_families import InputSize
 
 log = logging.getLogger("framelabel.annotate")
 
@@ -202,6 +203,10 @@ class GrpcAnnotator(AnnotatorLifetime):
     @property
     def ready(self) -> bool:
         return self._started
+
+    @property
+    def input_size(self) -> InputSize | None:
+        return None  # the service's model is not known here
 
     @property
     def live_targets(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from pipeline.annotators import AnnotatorLifetime
 from services.api.image_classifier_pb2 import AnnotationRequest, AnnotationResponse
 from services.classifier import Classifier
 from services.errors import AnnotatorError
+from services.model_families import InputSize
 
 
 class InProcessAnnotator(AnnotatorLifetime):
@@ -28,6 +29,10 @@ class InProcessAnnotator(AnnotatorLifetime):
     @property
     def ready(self) -> bool:
         return self._classifier is not None and self._executor is not None
+
+    @property
+    def input_size(self) -> InputSize | None:
+        return None if self._classifier is None else self._classifier.input_size
 
     async def start(self) -> None:
         self._classifier = await asyncio.to_thread(self._load)
