@@ -71,6 +71,14 @@ def naive_rate(broker: EmbeddedBroker, clip: Path) -> dict[str, float]:
     return {"fps": run_naive(broker, clip, 300)}
 
 
+def peer_rate(clip: Path) -> dict[str, float]:
+    """One run of the Roboflow peer over `clip`: its rate from first inference to last sink (no start-up)."""
+    result = measure_peer(clip, MODEL, repeats=1)
+    if result.get("fps") is None:
+        raise RuntimeError(result.get("why", "the peer gave no rate"))
+    return {"fps": float(result["fps"])}
+
+
 def paired_replays(
     ours: Callable[[], dict[str, float]], baseline: Callable[[], dict[str, float]], pairs: int, ceiling: float
 ) -> dict[str, Any]:
@@ -170,6 +178,16 @@ def run(
                 pairs,
                 ceiling,
             ),
+        )
+        results["paired_replay_to_peer"] = (
+            {"value": None, "why": "skipped (--skip-peer)"}
+            if skip_peer
+            else figure(
+                "replay and the Roboflow peer, interleaved pairs",
+                lambda: paired_replays(
+                    lambda: replay_rates(broker, clip, core_count), lambda: peer_rate(clip), pairs, ceiling
+                ),
+            )
         )
         with serving_as_in_process() as address:
             results["replay_grpc_720p_downscaled"] = figure(
@@ -344,7 +362,12 @@ def print_table(results: dict[str, Any]) -> None:
     line("events_stage", results["events_stage"])
     print_cluster(results["cluster"])
     print("ratios from interleaved pairs (steady-state replays), median [min–max] of ours / baseline:")
-    for key in ("paired_replay_to_naive_loop", "paired_classifier_size_to_max_side", "paired_grpc_to_in_process"):
+    for key in (
+        "paired_replay_to_naive_loop",
+        "paired_replay_to_peer",
+        "paired_classifier_size_to_max_side",
+        "paired_grpc_to_in_process",
+    ):
         line(key, results[key])
     print("ratios of medians (not paired; replays at the steady state where it says so):")
     for name, value in results["ratios"].items():
