@@ -32,7 +32,9 @@ from pipeline.kafka import (
     GROUP_HEARTBEAT_INTERVAL_MS,
     GROUP_SESSION_TIMEOUT_MS,
     KafkaConnection,
+    KafkaUnreachable,
     client_options,
+    wait_for_broker,
 )
 from pipeline.records import DecodedRecord, RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
@@ -96,6 +98,7 @@ async def consume(
         return idle_timeout_s is not None and time.monotonic() - last_record_at >= idle_timeout_s
 
     try:
+        await _wait_for_broker(connection)
         await _start(consumer, bootstrap)
         last_record_at = time.monotonic()
         if not await _wait_for_topic(consumer, connection, idle):
@@ -158,6 +161,13 @@ async def _commit(consumer: AIOKafkaConsumer, group_id: str | None, offsets: dic
         await consumer.commit(offsets)
     except KafkaError as exc:
         raise ConsumeError(f"committing the offsets of group {group_id} failed: {exc}") from exc
+
+
+async def _wait_for_broker(connection: KafkaConnection) -> None:
+    try:
+        await wait_for_broker(connection)
+    except KafkaUnreachable as exc:
+        raise ConsumeError(str(exc)) from exc
 
 
 async def _start(consumer: AIOKafkaConsumer, bootstrap: str) -> None:

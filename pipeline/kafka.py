@@ -7,6 +7,7 @@ Both are validated once, when the run config or the flags are read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -22,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from aiokafka.helpers import create_ssl_context
 from pydantic import Field, SecretStr, model_validator
 
+from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.config import StrictModel
 from services.errors import ConfigError, FramelabelError
 
@@ -43,6 +45,8 @@ READ_POLL_MS = 200
 GROUP_SESSION_TIMEOUT_MS = 6000
 GROUP_HEARTBEAT_INTERVAL_MS = 500
 
+# a refused connection at start is tried again after 0.2 s, growing to 1 s, for connect_timeout_ms in all
+BROKER_RETRY = RetryPolicy(first_s=0.2, cap_s=1.0)
 CODEC_AVAILABLE = {"gzip": has_gzip, "snappy": has_snappy, "lz4": has_lz4, "zstd": has_zstd}
 
 
@@ -148,6 +152,34 @@ def unreachable(connection: KafkaConnection, exc: BaseException, hint: str = "")
         reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
         return KafkaUnreachable(f"cannot reach Kafka at {connection.bootstrap_servers}: {reason}{hint}")
     return KafkaUnreachable(f"Kafka at {connection.bootstrap_servers} refused the client: {exc}{hint}")
+
+
+async def wait_for_broker(connection: KafkaConnection) -> None:
+    """Return once the broker answers, retrying a refused connection for `connect_timeout_ms` and saying so.
+
+    A broker started together with its clients (a compose stack, a quickstart's background jobs) may listen a
+    moment after they first call it; aiokafka gives up at the first refusal. `KafkaUnreachable` past the time."""
+    within_s = connection.connect_timeout_ms / 1000
+    attempts = BROKER_RETRY.start()
+    async with saying_while_waiting(log, f"Kafka at {connection.bootstrap_servers}", within_s):
+        while True:
+            probe = AIOKafkaConsumer(**client_options(connection), group_id=None)
+            try:
+                await probe.start()
+                await probe.topics()  # an answer, and time for aiokafka's own start-up tasks before stop()
+                return
+            except KafkaConnectionError as exc:
+                delay = attempts.failed()
+                if attempts.failures == 1:
+                    log.info("waiting for Kafka at %s to answer (up to %g s)", connection.bootstrap_servers, within_s)
+                if attempts.failing_for_s + delay > within_s:
+                    raise unreachable(connection, exc) from exc
+            except KafkaError as exc:
+                raise unreachable(connection, exc) from exc
+            finally:
+                with contextlib.suppress(KafkaError):
+                    await probe.stop()
+            await asyncio.sleep(delay)
 
 
 async def started_producer(connection: KafkaConnection, **options: Any) -> AIOKafkaProducer:

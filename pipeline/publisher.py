@@ -57,7 +57,15 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from pipeline.frames import AnnotatedFrame
-from pipeline.kafka import KafkaSettings, KafkaUnreachable, client_options, ensure_topic, started_producer, unreachable
+from pipeline.kafka import (
+    KafkaSettings,
+    KafkaUnreachable,
+    client_options,
+    ensure_topic,
+    started_producer,
+    unreachable,
+    wait_for_broker,
+)
 from pipeline.records import KafkaRecord, encode_record
 from pipeline.retry import RetryPolicy, saying_while_waiting
 from services.errors import FramelabelError
@@ -214,6 +222,8 @@ class Publisher:
         self._state = "running"
         log.info("connecting to Kafka at %s", self.settings.bootstrap_servers)
         try:
+            if self._own_producer:
+                await wait_for_broker(self.settings)
             try:
                 await self._connect()
             except KafkaError as exc:

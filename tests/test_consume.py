@@ -7,15 +7,25 @@ import json
 import subprocess
 from pathlib import Path
 
+from pipeline.broker import EmbeddedBroker
 from pipeline.events.record import EVENT_PROTOBUF_CONTENT_TYPE, encode_event, event_json
 from pipeline.events.settings import EventsConfig
 from pipeline.kafka import KafkaSettings, ensure_topic
 from pipeline.records import header_texts
 from services.api.event_pb2 import AnnotationEvent
+from tests.cameras import free_port
 from tests.faults import eventually, framelabel_process
 from tests.helpers import FRAMELABEL
 from tests.kafka import kafka_broker, raw_records
-from tests.test_events_stage import RULES, expected_events, publish, publish_records, scene_changes, scored_frame
+from tests.test_events_stage import (
+    RULES,
+    expected_events,
+    publish,
+    publish_records,
+    scene_changes,
+    scored_frame,
+    wait_for_line,
+)
 
 
 def consumed(stdout: list[str]) -> list[tuple[str, int, list[str]]]:
@@ -87,3 +97,23 @@ async def test_consume_prints_events_in_either_value_format_filtered_by_their_pe
 
 def as_printed(events: list[AnnotationEvent]) -> list[dict[str, object]]:
     return [json.loads(json.dumps(event_json(event))) for event in events]
+
+
+async def test_consume_and_run_started_before_their_broker_wait_for_it_saying_so() -> None:
+    """Started together in the background (as the quickstarts do), a client may call the broker a moment before it
+    listens: it waits for `kafka.connect_timeout_ms` instead of failing at the first refused connection."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    reader_command = ["consume", "--bootstrap", address, "--topic", "early", "--from-beginning", "--max", "3"]
+    with framelabel_process(*reader_command) as reader, framelabel_process(*early_run(address)) as run:
+        for process in (reader, run):
+            await wait_for_line(process, f"waiting for Kafka at {address} to answer")
+        with EmbeddedBroker(port):
+            assert run.finish(timeout=120) == 0, run.log()
+            assert reader.finish(timeout=60) == 0, reader.log()
+    assert [index for _, index, _ in consumed(reader.stdout)] == [0, 50, 100]  # every 50th frame of the clip
+
+
+def early_run(address: str) -> list[str]:
+    """A short replay of the sample clip into topic `early` at `address`."""
+    return ["run", "--bootstrap", address, "--topic", "early", "--no-idempotence", "--every-nth", "50"]

@@ -42,6 +42,7 @@ from pipeline.kafka import (
     read_latest,
     started_producer,
     unreachable,
+    wait_for_broker,
 )
 from pipeline.records import RecordFormatError, decode_record
 from services.api.event_pb2 import AnnotationEvent
@@ -100,6 +101,7 @@ class EventsStage:
 
     async def start(self) -> None:
         config = self._config
+        await wait_for_broker(self._connection)
         await self._wait_for_topic(config.input_topic)
         input_partitions = len(await partitions_of(self._connection, config.input_topic))
         await ensure_topic(self._settings(config.topic, config.partitions))
