@@ -45,6 +45,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -237,6 +238,8 @@ def most_cameras(camera: Camera, counts: list[int], seconds: float) -> dict[str,
                 continue
             run = actual_run(camera, count, source, seconds)
             runs.setdefault(str(count), {})[side] = run
+            verdict = "; ".join(run["shortfalls"]) or "holds"
+            print(f"… {count} cameras, {side}: {verdict}", file=sys.stderr, flush=True)  # a run takes minutes
             if run["shortfalls"]:
                 failed_at[side] = f"{count} cameras: " + "; ".join(run["shortfalls"])
             else:
