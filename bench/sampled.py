@@ -65,6 +65,9 @@ from bench.live_cameras import (
     rtsp_camera,
     run_config,
 )
+from bench.live_cameras import (
+    WARMUP_S as FOLLOW_WARMUP_S,
+)
 from bench.peer_roboflow import CACHE, cached_clip, source_clip
 from bench.replay import run_replay
 from bench.timing import paired, summarise
@@ -95,9 +98,9 @@ def keyframe_every_second_clip() -> Path:
     return cached_clip(CACHE / f"bunny_720p25_gop1s_{CLIP_SECONDS}s.mp4", args)
 
 
-def cameras_clip(seconds: float) -> Path:
-    """The keyframe-every-second clip repeated without re-encoding to last at least `seconds`; cached."""
-    loops = math.ceil(seconds / CLIP_SECONDS)
+def cameras_clip(actual_s: float) -> Path:
+    """The keyframe-every-second clip repeated without re-encoding to outlast an actual run of `actual_s`; cached."""
+    loops = math.ceil((FOLLOW_WARMUP_S + actual_s + START_MARGIN_S) / CLIP_SECONDS)
     args = ["-stream_loop", str(loops - 1), "-i", str(keyframe_every_second_clip()), "-c", "copy"]
     return cached_clip(CACHE / f"bunny_720p25_gop1s_{loops * CLIP_SECONDS}s.mp4", [*args, "-movflags", "+faststart"])
 
@@ -258,7 +261,7 @@ def most_cameras(camera: Camera, counts: list[int], seconds: float) -> dict[str,
 
 def measure_most_cameras(counts: list[int], seconds: float) -> dict[str, Any]:
     """most_cameras() alone, with its camera server."""
-    with rtsp_camera(cameras_clip(seconds + START_MARGIN_S)) as camera:
+    with rtsp_camera(cameras_clip(seconds)) as camera:
         return most_cameras(camera, counts, seconds)
 
 
@@ -284,7 +287,7 @@ def measure_sampled(
         decode_ms = results["decode_cpu_ms_per_sample"]["ours"]["median"]
         run_ms = results["replay_run_cpu_ms_per_sample"]["ours"]["median"]
         results["replay_cpu_share_not_decoding"] = round(1 - decode_ms / run_ms, 3) if run_ms else None
-        with rtsp_camera(cameras_clip(actual_s + START_MARGIN_S)) as camera:
+        with rtsp_camera(cameras_clip(actual_s)) as camera:
             for count in camera_counts:
                 measured = paired(
                     lambda count=count: cameras_once(broker, camera.url, count, OURS, window_s),
