@@ -65,9 +65,7 @@ from bench.live_cameras import (
     rtsp_camera,
     run_config,
 )
-from bench.live_cameras import (
-    WARMUP_S as FOLLOW_WARMUP_S,
-)
+from bench.live_cameras import WARMUP_S as FOLLOW_WARMUP_S
 from bench.peer_roboflow import CACHE, cached_clip, source_clip
 from bench.replay import run_replay
 from bench.timing import paired, summarise
