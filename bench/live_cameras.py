@@ -344,10 +344,12 @@ def _drops(records: list[Arrival], frames_per_sample: int) -> int:
     """Frames (samples) never published between a camera's published ones: gaps in its frame_index.
 
     A gap of `frames_per_sample` is one sample to the next; each further `frames_per_sample` is a sample lost
-    (rounded, since a sampler on the capture clock keeps the frame at or after each sample time).
+    (rounded, since a sampler on the capture clock keeps the frame at or after each sample time, and a camera
+    sending slowly for a while makes shorter gaps, none of which is a sample lost).
     """
     indices = sorted(record.frame_index for record in records)
-    return sum(round((later - earlier) / frames_per_sample) - 1 for earlier, later in itertools.pairwise(indices))
+    gaps = (round((later - earlier) / frames_per_sample) for earlier, later in itertools.pairwise(indices))
+    return sum(max(gap - 1, 0) for gap in gaps)
 
 
 def _backlog_growth_ms(first: list[Arrival], last: list[Arrival]) -> float | None:
