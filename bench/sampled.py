@@ -239,8 +239,8 @@ def most_cameras(camera: Camera, counts: list[int], seconds: float) -> dict[str,
                 continue
             run = actual_run(camera, count, source, seconds)
             runs.setdefault(str(count), {})[side] = run
-            verdict = "; ".join(run["shortfalls"]) or "holds"
-            print(f"… {count} cameras, {side}: {verdict}", file=sys.stderr, flush=True)  # a run takes minutes
+            # a run takes minutes: its figures as they come, should the rest be cut short
+            print(f"… {count} cameras, {side}: {json.dumps(run)}", file=sys.stderr, flush=True)
             if run["shortfalls"]:
                 failed_at[side] = f"{count} cameras: " + "; ".join(run["shortfalls"])
             else:
