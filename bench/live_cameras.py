@@ -11,14 +11,16 @@ What it measures, over `duration_s` of a real run on 127.0.0.1:
   per camera from the summary table it prints (over the whole run: it prints no
   p99, and cannot leave the warm-up out);
 - drops per camera: in the window, from gaps in the published frame indices (every
-  frame read is published unless dropped or failed: no sampling is set); over the
-  whole run, the summary's `dropped` column; also frames read and published, the
-  published rate, and failures and reconnects;
+  frame read is published unless dropped or failed: no sampling is set; with
+  sampling, see `follow_run`); over the whole run, the summary's `dropped`
+  column; also frames read and published, the published rate, and failures and
+  reconnects;
 - latency growth: p50 (and p99) of the first third of the window against the last
-  third;
+  third; for cameras read with PyAV, also how much further behind the camera's
+  own clock the reader got (`camera_backlog_ms`), which capture times cannot show;
 - CPU in cores over the window: the run's own, the set-up's (cameras, broker, the
   consumer), and every other process's (≈ 0 on a quiet machine: more shows a
-  window disturbed by other work), from /proc.
+  window disturbed by other work), from /proc; and the load average.
 
 How: the clip is transcoded once (bench/.cache/) to 1280×720 H.264 at 10 fps
 (every frame of bigbuckbunny.mp4 kept and retimed to 10 fps, no B-frames, a
@@ -33,7 +35,7 @@ wait for the model's first runs, Kafka's first batch, and the burst a camera
 sends as it is opened; the warm-up's records are reported apart — and closes with
 SIGINT; the consumer reads on until the topic is quiet. Every process started
 here is stopped on the way out. Call it from synchronous code (it runs its own
-event loop).
+event loop). bench.sampled follows its runs of sampled cameras with `follow_run`.
 
     .venv/bin/python -m bench.live_cameras --duration 60   # prints the figure as JSON
 """
@@ -53,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -141,10 +143,11 @@ def rtsp_camera(clip: Path) -> Iterator[Camera]:
                 process.stdout.close()
 
 
-def run_config(urls: list[str], bootstrap: str) -> dict[str, Any]:
-    """`framelabel run`'s config: the cameras, in-process imagenet, the embedded broker without idempotence."""
+def run_config(urls: list[str], bootstrap: str, source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`framelabel run`'s config: the cameras (each with `source`'s settings), in-process imagenet, the
+    embedded broker without idempotence."""
     return {
-        "sources": [{"id": f"cam{i}", "uri": url} for i, url in enumerate(urls, start=1)],
+        "sources": [{"id": f"cam{i}", "uri": url, **(source or {})} for i, url in enumerate(urls, start=1)],
         "annotator": {"kind": "in-process", "classifier": "imagenet"},
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -218,6 +221,7 @@ class Arrival:
     frame_index: int
     capture_ms: int  # the record's capture_time_ms header
     arrival_ms: float  # wall clock when the consumer got it
+    media_position_ms: float | None  # on the camera's own clock (PyAV cameras), else None
 
     @property
     def latency_ms(self) -> float:
@@ -243,7 +247,15 @@ async def _follow(bootstrap: str, arrivals: list[Arrival]) -> None:
             for messages in fetched.values():
                 for message in messages:
                     record = decode_record(message.key, message.value, message.headers, message.timestamp)
-                    arrivals.append(Arrival(record.source_id, record.frame_index, record.capture_time_ms, arrived))
+                    arrivals.append(
+                        Arrival(
+                            record.source_id,
+                            record.frame_index,
+                            record.capture_time_ms,
+                            arrived,
+                            record.media_position_ms,
+                        )
+                    )
     finally:
         await consumer.stop()
 
@@ -266,23 +278,35 @@ class Window:
     start_ms: float
     end_ms: float
     cpu_s: tuple[float, float, float]  # the run's, the set-up's, the machine's, over the window
+    load_average: float  # the machine's 1-minute load average as the window closed
 
     @property
     def seconds(self) -> float:
         return (self.end_ms - self.start_ms) / 1000.0
 
 
-async def _measure(
-    duration_s: float, warmup_s: float, urls: list[str], setup_pids: list[int], bootstrap: str, workdir: Path
+async def follow_run(
+    config: dict[str, Any],
+    duration_s: float,
+    setup_pids: list[int],
+    workdir: Path,
+    warmup_s: float = WARMUP_S,
+    frames_per_sample: int = 1,
 ) -> dict[str, Any]:
+    """`framelabel run` of `config` (a run_config) followed by a consumer record by record; its figures.
+
+    `frames_per_sample` is the cameras' frames per sample kept (1 unsampled, 25 for 25 fps sampled at 1 fps):
+    a gap of more than that between a camera's published frame indices is a sample lost.
+    """
+    bootstrap = config["kafka"]["bootstrap_servers"]
     await create_topic(bootstrap)
-    config = workdir / "live.yaml"
-    config.write_text(json.dumps(run_config(urls, bootstrap), indent=2))  # JSON is YAML
+    path = workdir / "live.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     arrivals: list[Arrival] = []
     follower = asyncio.create_task(_follow(bootstrap, arrivals))
     with (workdir / "run.out").open("w+b") as out, (workdir / "run.err").open("w+b") as err:
         process = await asyncio.create_subprocess_exec(
-            str(FRAMELABEL), "run", str(config), stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT
+            str(FRAMELABEL), "run", str(path), stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=ROOT
         )
         try:
             deadline = time.monotonic() + FIRST_RECORD_TIMEOUT_S
@@ -299,7 +323,7 @@ async def _measure(
             await asyncio.sleep(duration_s)
             cpu_end = _cpu_snapshot(process.pid, setup_pids)
             used = tuple(end - start for start, end in zip(cpu_start, cpu_end, strict=True))
-            window = Window(start_ms, time.time() * 1000.0, (used[0], used[1], used[2]))
+            window = Window(start_ms, time.time() * 1000.0, (used[0], used[1], used[2]), os.getloadavg()[0])
             process.send_signal(signal.SIGINT)
             exit_code = await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
             await _until_quiet(arrivals, follower)
@@ -313,13 +337,39 @@ async def _measure(
         summary = parse_summary(out.read().decode(errors="replace"))
         if not summary:
             raise LiveError(f"the run printed no summary (exit {exit_code}): {_tail(err)}")
-    return _figures(duration_s, warmup_s, window, arrivals, summary, exit_code)
+    return _figures(duration_s, warmup_s, window, arrivals, summary, exit_code, frames_per_sample)
 
 
-def _drops(records: list[Arrival]) -> int:
-    """Frames read but never published between a camera's published frames: gaps in its frame_index."""
+def _drops(records: list[Arrival], frames_per_sample: int) -> int:
+    """Frames (samples) never published between a camera's published ones: gaps in its frame_index.
+
+    A gap of `frames_per_sample` is one sample to the next; each further `frames_per_sample` is a sample lost
+    (rounded, since a sampler on the capture clock keeps the frame at or after each sample time, and a camera
+    sending slowly for a while makes shorter gaps, none of which is a sample lost).
+    """
     indices = sorted(record.frame_index for record in records)
-    return sum(later - earlier - 1 for earlier, later in itertools.pairwise(indices))
+    gaps = (round((later - earlier) / frames_per_sample) for earlier, later in itertools.pairwise(indices))
+    return sum(max(gap - 1, 0) for gap in gaps)
+
+
+def _backlog_growth_ms(first: list[Arrival], last: list[Arrival]) -> float | None:
+    """How much later, against the camera's own clock, its frames were read in `last` than in `first`.
+
+    Capture times are stamped as the reader gets a frame, so a reader falling behind its camera (the stream
+    queueing in the socket) does not show in capture→consumer latency; capture time − media position does.
+    The median of each, per camera; the worst camera's growth. None without media positions.
+    """
+
+    def offsets(part: list[Arrival], source: str) -> list[float]:
+        mine = [record for record in part if record.source_id == source]
+        return [r.capture_ms - r.media_position_ms for r in mine if r.media_position_ms is not None]
+
+    growth: list[float] = []
+    for source in {record.source_id for record in first}:
+        early, late = offsets(first, source), offsets(last, source)
+        if early and late:
+            growth.append(float(np.median(late) - np.median(early)))
+    return round(max(growth), 1) if growth else None
 
 
 def _latency(records: list[Arrival]) -> dict[str, float | None]:
@@ -338,20 +388,23 @@ def _figures(
     arrivals: list[Arrival],
     summary: dict[str, dict[str, str]],
     exit_code: int,
+    frames_per_sample: int,
 ) -> dict[str, Any]:
     run_cpu, setup_cpu, machine_cpu = window.cpu_s
     measured = [record for record in arrivals if window.start_ms <= record.capture_ms <= window.end_ms]
     warmup = [record for record in arrivals if record.capture_ms < window.start_ms]
     third = (window.end_ms - window.start_ms) / 3
-    first = _latency([record for record in measured if record.capture_ms < window.start_ms + third])
-    last = _latency([record for record in measured if record.capture_ms >= window.end_ms - third])
+    first_third = [record for record in measured if record.capture_ms < window.start_ms + third]
+    last_third = [record for record in measured if record.capture_ms >= window.end_ms - third]
+    first, last = _latency(first_third), _latency(last_third)
     per_camera: dict[str, dict[str, Any]] = {}
     for source, row in sorted(summary.items()):
         mine = [record for record in measured if record.source_id == source]
         per_camera[source] = {
             "published_fps": round(len(mine) / window.seconds, 2),
+            "published_in_window": len(mine),
             **_latency(mine),
-            "dropped_in_window": _drops(mine),
+            "dropped_in_window": _drops(mine, frames_per_sample),
             "run_read": int(_number(row.get("read")) or 0),
             "run_published": int(_number(row.get("published")) or 0),
             "run_dropped": int(_number(row.get("dropped")) or 0),
@@ -379,11 +432,13 @@ def _figures(
             "p50_ratio": round(last["p50_ms"] / first["p50_ms"], 2) if first["p50_ms"] and last["p50_ms"] else None,
             "p99_first_third_ms": first["p99_ms"],
             "p99_last_third_ms": last["p99_ms"],
+            "camera_backlog_ms": _backlog_growth_ms(first_third, last_third),
         },
         "warmup": {"records": len(warmup), **_latency(warmup)},
         "run_cpu_cores": round(run_cpu / window.seconds, 2),
         "setup_cpu_cores": round(setup_cpu / window.seconds, 2),
         "other_cpu_cores": round((machine_cpu - run_cpu - setup_cpu) / window.seconds, 2),
+        "load_average": round(window.load_average, 2),
         "run_exit_code": exit_code,
         "per_camera": per_camera,
         "why": None,
@@ -405,8 +460,8 @@ def measure_live(
             started = [stack.enter_context(rtsp_camera(clip)) for _ in range(cameras)]
             broker = stack.enter_context(EmbeddedBroker())
             setup_pids = [camera.pid for camera in started] + [broker.pid or 0, os.getpid()]
-            urls = [camera.url for camera in started]
-            result = asyncio.run(_measure(duration_s, warmup_s, urls, setup_pids, broker.address, Path(workdir)))
+            config = run_config([camera.url for camera in started], broker.address)
+            result = asyncio.run(follow_run(config, duration_s, setup_pids, Path(workdir), warmup_s))
     except Exception as exc:  # a figure, not a test: say what broke and let the other figures run
         return {"fps": None, "p50_ms": None, "p99_ms": None, "why": f"{type(exc).__name__}: {exc}"}
     result["camera_fps"] = fps

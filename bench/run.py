@@ -4,7 +4,8 @@ Prints one table and writes bench/results/latest.json (one key per figure,
 ratios included; a figure that could not be measured is null with a `why`).
 Each figure is the median of repeated runs with its spread [min–max].
 
-    python -m bench.run [--repeats N] [--live-seconds S] [--pairs N] [--cameras N …] [--skip-peer] [--skip-live]
+    python -m bench.run [--repeats N] [--live-seconds S] [--pairs N] [--cameras N …] [--actual-cameras N …]
+        [--actual-seconds S] [--skip-peer] [--skip-live]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bench.int8 import measure_int8
 from bench.live_cameras import measure_live
 from bench.peer_roboflow import CACHE, MODEL, cached_clip, looped_clip, measure_peer
 from bench.replay import ReplayResult, run_naive, run_replay
-from bench.sampled import measure_sampled
+from bench.sampled import ACTUAL_COUNTS, measure_sampled
 from bench.service_load import capped_catalog, measure_service, serving_as_in_process
 from bench.stages import SMALL, cores, measure_stages
 from bench.timing import Sample, paired, summarise
@@ -116,9 +117,8 @@ def median_fps(entry: Any, rate: str = "fps") -> float | None:
         return None
 
 
-def run(
-    repeats: int, live_seconds: float, skip_peer: bool, skip_live: bool, pairs: int, cameras: list[int]
-) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    repeats, pairs = args.repeats, args.pairs
     core_count = cores()
     clip = looped_clip(500)
     clip_4x = looped_clip(2000)
@@ -181,7 +181,7 @@ def run(
         )
         results["paired_replay_to_peer"] = (
             {"value": None, "why": "skipped (--skip-peer)"}
-            if skip_peer
+            if args.skip_peer
             else figure(
                 "replay and the Roboflow peer, interleaved pairs",
                 lambda: paired_replays(
@@ -223,20 +223,20 @@ def run(
         )
     results["live_4_rtsp_cameras"] = (
         {"value": None, "why": "skipped (--skip-live)"}
-        if skip_live
-        else figure("live cameras", lambda: measure_live(live_seconds))
+        if args.skip_live
+        else figure("live cameras", lambda: measure_live(args.live_seconds))
     )
     results["sampled"] = (
         {"value": None, "why": "skipped (--skip-live)"}
-        if skip_live
+        if args.skip_live
         else figure(
-            "sampled decoding: a file and RTSP cameras at 1 fps",
-            lambda: measure_sampled(pairs, cameras, 15.0, core_count),
+            "sampled decoding: a file and RTSP cameras at 1 fps, the most cameras held",
+            lambda: measure_sampled(pairs, args.cameras, 15.0, core_count, args.actual_cameras, args.actual_seconds),
         )
     )
     results["peer_roboflow"] = (
         {"value": None, "why": "skipped (--skip-peer)"}
-        if skip_peer
+        if args.skip_peer
         else figure("Roboflow peer", lambda: measure_peer(clip, MODEL))
     )
     results["events_stage"] = figure("events stage: throughput, lag at 10 × 25 fps", lambda: measure_events())
@@ -353,9 +353,11 @@ def print_table(results: dict[str, Any]) -> None:
     line("live_4_rtsp_cameras", results["live_4_rtsp_cameras"])
     print("7b. sampled at 1 fps (ours: PyAV decoding only what is kept; baseline: OpenCV decoding every frame);")
     print("    median [min–max] over interleaved pairs, ratio = ours / baseline pair by pair:")
-    sampled = results["sampled"]
-    for key, value in sampled.items():
-        line(key, value)
+    for key, value in results["sampled"].items():
+        if key == "most_cameras" and isinstance(value, dict):
+            print_most_cameras(value)
+        else:
+            line(key, value)
     print("8. peer:")
     line("peer_roboflow", results["peer_roboflow"])
     print("9. events stage (annotations/s on one core, wall and CPU; annotation → event lag at 10 × 25 fps):")
@@ -372,6 +374,28 @@ def print_table(results: dict[str, Any]) -> None:
     print("ratios of medians (not paired; replays at the steady state where it says so):")
     for name, value in results["ratios"].items():
         line(name, value)
+
+
+def print_most_cameras(most: dict[str, Any]) -> None:
+    """The most cameras held (see bench.sampled), then one line per actual run."""
+    print(f"  most_cameras: a count holds when {most['holds_when']}")
+    print(
+        f"  {'  most cameras held, ours / baseline':44} {most['ours']} / {most['baseline']}, ratio {most['ratio']}"
+        f"; first failures: {most['first_failure']}"
+    )
+    for count, sides in most["runs"].items():
+        for side, run in sides.items():
+            if "capture_to_consumer_ms" not in run:
+                print(f"  {f'    {count} cameras, {side}':44} {run['shortfalls']}")
+                continue
+            latency, growth = run["capture_to_consumer_ms"], run["growth"]
+            print(
+                f"  {f'    {count} cameras, {side}':44} p50 {latency['p50_ms']} p99 {latency['p99_ms']} ms, "
+                f"p50 {growth['p50_first_third_ms']}→{growth['p50_last_third_ms']} ms, "
+                f"backlog {growth['camera_backlog_ms']} ms, lost {run['samples_lost_in_window']}, "
+                f"cores run {run['run_cpu_cores']} set-up {run['setup_cpu_cores']} other {run['other_cpu_cores']}, "
+                f"load {run['load_average']}" + (f" — {'; '.join(run['shortfalls'])}" if run["shortfalls"] else "")
+            )
 
 
 def print_cluster(cluster: dict[str, Any]) -> None:
@@ -399,9 +423,13 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="skip the Roboflow peer (its venv takes a while)")
     parser.add_argument("--skip-live", action="store_true", help="skip the live cameras and the sampled figures")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs for the sampled figures' ratios")
-    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 32], help="RTSP camera counts at 1 fps")
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4], help="RTSP camera counts: CPU per camera")
+    parser.add_argument(
+        "--actual-cameras", type=int, nargs="+", default=ACTUAL_COUNTS, help="counts tried in turn for the most held"
+    )
+    parser.add_argument("--actual-seconds", type=float, default=120.0, help="seconds measured per actual run")
     args = parser.parse_args()
-    results = run(args.repeats, args.live_seconds, args.skip_peer, args.skip_live, args.pairs, args.cameras)
+    results = run(args)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print_table(results)

@@ -12,14 +12,28 @@ machine's speed drifts while other work shares it.
   and the run's CPU per sample; the share of the run's CPU that is not decoding
   (inference, encoding, Kafka) follows from the two.
 - `cameras`: `framelabel run` of N RTSP cameras at 1 fps: the run's CPU per
-  camera over a window after a warm-up, its RSS, and the records published.
+  camera over a window after a warm-up, its RSS, and the records published;
+  from two counts, the CPU and RSS per added camera and the cameras that the
+  machine's cores would hold if nothing else ran on them.
+- `most_cameras`: actual runs beside the camera server, ours and the baseline,
+  at each of `--actual-cameras` in turn (8, 16, … 64), each side until its
+  first count that fails; the figure is the last count that held. A count holds
+  when, over `--actual-seconds` (120) after a warm-up, followed record by record
+  by a consumer (bench.live_cameras.follow_run): p99 capture→consumer ≤ 1 s
+  (an upper bound on capture→ack), no sample lost (no gap of more than one
+  sample period in a camera's frame indices, and every camera publishing about
+  one sample a second), and no growth (p50 of the last third of the window at
+  most GROWTH_LIMIT_MS above the first third's, and for PyAV cameras a reader
+  no further behind its camera's clock by that much either).
 
 The clip: bigbuckbunny.mp4 looped to 60 s and encoded once (bench/.cache/) as
 1280×720 H.264 at 25 fps with a keyframe every second and no B-frames, as many
-cameras send. Each camera is one client of tools/rtsp_camera.py, which plays
+cameras send; the cameras play it repeated (without re-encoding) to outlast
+the actual runs. Each camera is one client of tools/rtsp_camera.py, which plays
 the pre-encoded file to every client (no encoding on the server side).
 
-    .venv/bin/python -m bench.sampled [--pairs 5] [--cameras 1 8] [--window 15]
+    .venv/bin/python -m bench.sampled [--pairs 5] [--cameras 1 4] [--window 15]
+        [--actual-cameras 8 16 …] [--actual-seconds 120] [--actual-only]
 """
 
 from __future__ import annotations
@@ -28,7 +42,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
+import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +54,18 @@ from typing import Any
 import psutil
 import yaml
 
-from bench.live_cameras import FRAMELABEL, ROOT, parse_summary, rtsp_camera
+from bench.live_cameras import (
+    FRAMELABEL,
+    ROOT,
+    START_MARGIN_S,
+    Camera,
+    LiveError,
+    follow_run,
+    parse_summary,
+    rtsp_camera,
+    run_config,
+)
+from bench.live_cameras import WARMUP_S as FOLLOW_WARMUP_S
 from bench.peer_roboflow import CACHE, cached_clip, source_clip
 from bench.replay import run_replay
 from bench.timing import paired, summarise
@@ -51,7 +79,11 @@ FPS = 25
 SAMPLE_FPS = 1.0
 OURS = {"fps": SAMPLE_FPS}  # decoder auto: PyAV, decoding only the sampled frames
 BASELINE = {"fps": SAMPLE_FPS, "decoder": "opencv"}  # every frame decoded, the sampler keeps one a second
+FRAMES_PER_SAMPLE = round(FPS / SAMPLE_FPS)
 WARMUP_S = 8.0  # model load, connections, the first inferences
+ACTUAL_COUNTS = list(range(8, 65, 8))  # up to the dedicated 2-core host's goal
+P99_LIMIT_MS = 1000.0
+GROWTH_LIMIT_MS = 200.0  # falling behind grows by seconds within 2 minutes; a busy machine wobbles by less
 STOP_TIMEOUT_S = 30.0
 RSS_POLL_S = 0.1
 
@@ -62,6 +94,13 @@ def keyframe_every_second_clip() -> Path:
     args += ["-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", str(FPS), "-keyint_min", str(FPS)]
     args += ["-sc_threshold", "0", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
     return cached_clip(CACHE / f"bunny_720p25_gop1s_{CLIP_SECONDS}s.mp4", args)
+
+
+def cameras_clip(actual_s: float) -> Path:
+    """The keyframe-every-second clip repeated without re-encoding to outlast an actual run of `actual_s`; cached."""
+    loops = math.ceil((FOLLOW_WARMUP_S + actual_s + START_MARGIN_S) / CLIP_SECONDS)
+    args = ["-stream_loop", str(loops - 1), "-i", str(keyframe_every_second_clip()), "-c", "copy"]
+    return cached_clip(CACHE / f"bunny_720p25_gop1s_{loops * CLIP_SECONDS}s.mp4", [*args, "-movflags", "+faststart"])
 
 
 def decode_once(clip: Path, source: dict[str, Any]) -> dict[str, float]:
@@ -134,7 +173,99 @@ def cameras_once(
     }
 
 
-def measure_sampled(pairs: int, camera_counts: list[int], window_s: float, cores: int) -> dict[str, Any]:
+def actual_run(camera: Camera, count: int, source: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """`count` cameras for `seconds` after the warm-up, a broker of their own, followed by a consumer."""
+    try:
+        with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="framelabel-actual-") as workdir:
+            config = run_config([camera.url] * count, broker.address, source)
+            setup_pids = [camera.pid, broker.pid or 0, os.getpid()]
+            figures = asyncio.run(
+                follow_run(config, seconds, setup_pids, Path(workdir), frames_per_sample=FRAMES_PER_SAMPLE)
+            )
+    except LiveError as exc:
+        return {"cameras": count, "shortfalls": [f"the run broke: {exc}"]}
+    run = condensed(figures)
+    run["shortfalls"] = shortfalls(run, count)
+    return run
+
+
+def condensed(figures: dict[str, Any]) -> dict[str, Any]:
+    """follow_run's figures summed over the cameras (its per-camera rows are too many to print)."""
+    cameras = list(figures["per_camera"].values())
+    return {
+        "cameras": figures["cameras"],
+        "window_s": figures["window_s"],
+        "samples_per_s": figures["fps"],
+        "capture_to_consumer_ms": {key: figures[key] for key in ("p50_ms", "p99_ms", "max_ms")},
+        "growth": figures["growth"],
+        "samples_lost_in_window": sum(camera["dropped_in_window"] for camera in cameras),
+        "fewest_samples_of_a_camera": min(camera["published_in_window"] for camera in cameras),
+        **{key: sum(camera[key] for camera in cameras) for key in ("run_dropped", "run_failed", "run_reconnects")},
+        **{key: figures[key] for key in ("run_cpu_cores", "setup_cpu_cores", "other_cpu_cores", "load_average")},
+        "run_exit_code": figures["run_exit_code"],
+    }
+
+
+def shortfalls(run: dict[str, Any], count: int) -> list[str]:
+    """Why the run does not hold `count` cameras (see the module's docstring); empty when it does."""
+    problems = []
+    if run["cameras"] != count:
+        problems.append(f"the run summarised {run['cameras']} of {count} cameras")
+    p99 = run["capture_to_consumer_ms"]["p99_ms"]
+    if p99 is None or p99 > P99_LIMIT_MS:
+        problems.append(f"p99 {p99} ms > {P99_LIMIT_MS:.0f} ms")
+    if run["samples_lost_in_window"]:
+        problems.append(f"{run['samples_lost_in_window']} samples lost")
+    expected = math.floor(run["window_s"] * SAMPLE_FPS) - 1
+    if run["fewest_samples_of_a_camera"] < expected:
+        problems.append(f"a camera published {run['fewest_samples_of_a_camera']} samples in {run['window_s']} s")
+    first, last = run["growth"]["p50_first_third_ms"], run["growth"]["p50_last_third_ms"]
+    if first is not None and last is not None and last - first > GROWTH_LIMIT_MS:
+        problems.append(f"p50 grew from {first} to {last} ms")
+    backlog = run["growth"]["camera_backlog_ms"]
+    if backlog is not None and backlog > GROWTH_LIMIT_MS:
+        problems.append(f"a reader fell {backlog} ms further behind its camera")
+    return problems
+
+
+def most_cameras(camera: Camera, counts: list[int], seconds: float) -> dict[str, Any]:
+    """Actual runs at each count in turn, ours then the baseline, each side until its first count that fails."""
+    runs: dict[str, dict[str, Any]] = {}
+    held = {"ours": 0, "baseline": 0}  # 0: not even the first count
+    failed_at: dict[str, str] = {}
+    for count in counts:
+        for side, source in (("ours", OURS), ("baseline", BASELINE)):
+            if side in failed_at:
+                continue
+            run = actual_run(camera, count, source, seconds)
+            runs.setdefault(str(count), {})[side] = run
+            # a run takes minutes: its figures as they come, should the rest be cut short
+            print(f"… {count} cameras, {side}: {json.dumps(run)}", file=sys.stderr, flush=True)
+            if run["shortfalls"]:
+                failed_at[side] = f"{count} cameras: " + "; ".join(run["shortfalls"])
+            else:
+                held[side] = count
+        if len(failed_at) == len(held):
+            break
+    return {
+        "holds_when": f"p99 capture→consumer ≤ {P99_LIMIT_MS:.0f} ms, no sample lost, p50 and camera backlog "
+        f"growing ≤ {GROWTH_LIMIT_MS:.0f} ms over {seconds:g} s",
+        **held,
+        "ratio": round(held["ours"] / held["baseline"], 2) if held["baseline"] else None,
+        "first_failure": {side: failed_at.get(side, f"none up to {counts[-1]}") for side in held},
+        "runs": runs,
+    }
+
+
+def measure_most_cameras(counts: list[int], seconds: float) -> dict[str, Any]:
+    """most_cameras() alone, with its camera server."""
+    with rtsp_camera(cameras_clip(seconds)) as camera:
+        return most_cameras(camera, counts, seconds)
+
+
+def measure_sampled(
+    pairs: int, camera_counts: list[int], window_s: float, cores: int, actual_counts: list[int], actual_s: float
+) -> dict[str, Any]:
     clip = keyframe_every_second_clip()
     results: dict[str, Any] = {
         "clip": f"{clip.name}: 1280x720 H.264 25 fps, keyframe every 1 s, {CLIP_SECONDS} s",
@@ -154,7 +285,7 @@ def measure_sampled(pairs: int, camera_counts: list[int], window_s: float, cores
         decode_ms = results["decode_cpu_ms_per_sample"]["ours"]["median"]
         run_ms = results["replay_run_cpu_ms_per_sample"]["ours"]["median"]
         results["replay_cpu_share_not_decoding"] = round(1 - decode_ms / run_ms, 3) if run_ms else None
-        with rtsp_camera(clip) as camera:
+        with rtsp_camera(cameras_clip(actual_s)) as camera:
             for count in camera_counts:
                 measured = paired(
                     lambda count=count: cameras_once(broker, camera.url, count, OURS, window_s),
@@ -172,7 +303,8 @@ def measure_sampled(pairs: int, camera_counts: list[int], window_s: float, cores
                     "worst_p95_capture_to_ack_ms": [(o["worst_p95_ms"], b["worst_p95_ms"]) for o, b in measured],
                     "load_average": [round(o["load_average"], 2) for o, _ in measured],
                 }
-    results["cameras_per_host"] = cameras_per_host(results, camera_counts, cores)
+            results["cameras_per_host"] = cameras_per_host(results, camera_counts, cores)
+            results["most_cameras"] = most_cameras(camera, actual_counts, actual_s)
     results["load_average_at_end"] = psutil.getloadavg()
     return results
 
@@ -182,7 +314,7 @@ def cameras_per_host(results: dict[str, Any], camera_counts: list[int], cores: i
 
     The cost of an added camera (CPU and RSS) is the difference between the first two counts run, divided
     by the cameras added; the run's fixed cost is what one camera costs beyond that. The implied count is
-    (cores − fixed) ÷ added CPU per camera. The actual run is the largest count: its records and drops.
+    (cores − fixed) ÷ added CPU per camera.
     """
     if len(camera_counts) < 2:
         return {"value": None, "why": "needs two camera counts"}
@@ -206,11 +338,23 @@ def cameras_per_host(results: dict[str, Any], camera_counts: list[int], cores: i
 def main() -> None:
     parser = argparse.ArgumentParser(description="Sampled decoding: a file and RTSP cameras at 1 fps.")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved pairs per ratio")
-    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4, 32], help="camera counts to run")
+    parser.add_argument("--cameras", type=int, nargs="+", default=[1, 4], help="camera counts for CPU per camera")
     parser.add_argument("--window", type=float, default=15.0, help="seconds measured per camera run")
+    parser.add_argument(
+        "--actual-cameras", type=int, nargs="+", default=ACTUAL_COUNTS, help="counts tried in turn for the most held"
+    )
+    parser.add_argument("--actual-seconds", type=float, default=120.0, help="seconds measured per actual run")
+    parser.add_argument("--actual-only", action="store_true", help="only the actual runs (the most cameras held)")
     args = parser.parse_args()
+    if args.actual_only:
+        results = measure_most_cameras(args.actual_cameras, args.actual_seconds)
+    else:
+        cores = psutil.cpu_count() or 1
+        results = measure_sampled(
+            args.pairs, args.cameras, args.window, cores, args.actual_cameras, args.actual_seconds
+        )
     with contextlib.suppress(BrokenPipeError):
-        print(json.dumps(measure_sampled(args.pairs, args.cameras, args.window, psutil.cpu_count() or 1), indent=1))
+        print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
