@@ -161,25 +161,33 @@ async def wait_for_broker(connection: KafkaConnection) -> None:
     moment after they first call it; aiokafka gives up at the first refusal. `KafkaUnreachable` past the time."""
     within_s = connection.connect_timeout_ms / 1000
     attempts = BROKER_RETRY.start()
-    async with saying_while_waiting(log, f"Kafka at {connection.bootstrap_servers}", within_s):
-        while True:
-            probe = AIOKafkaConsumer(**client_options(connection), group_id=None)
-            try:
-                await probe.start()
-                await probe.topics()  # an answer, and time for aiokafka's own start-up tasks before stop()
-                return
-            except KafkaConnectionError as exc:
-                delay = attempts.failed()
-                if attempts.failures == 1:
-                    log.info("waiting for Kafka at %s to answer (up to %g s)", connection.bootstrap_servers, within_s)
-                if attempts.failing_for_s + delay > within_s:
+    try:
+        # a whole bound too: a TLS handshake with a plaintext broker waits without refusing
+        async with (
+            saying_while_waiting(log, f"Kafka at {connection.bootstrap_servers}", within_s),
+            asyncio.timeout(within_s),
+        ):
+            while True:
+                probe = AIOKafkaConsumer(**client_options(connection), group_id=None)
+                try:
+                    await probe.start()
+                    await probe.topics()  # an answer, and time for aiokafka's own start-up tasks before stop()
+                    return
+                except KafkaConnectionError as exc:
+                    delay = attempts.failed()
+                    if attempts.failures == 1:
+                        address = connection.bootstrap_servers
+                        log.info("waiting for Kafka at %s to answer (up to %g s)", address, within_s)
+                    if attempts.failing_for_s + delay > within_s:
+                        raise unreachable(connection, exc) from exc
+                except KafkaError as exc:
                     raise unreachable(connection, exc) from exc
-            except KafkaError as exc:
-                raise unreachable(connection, exc) from exc
-            finally:
-                with contextlib.suppress(KafkaError):
-                    await probe.stop()
-            await asyncio.sleep(delay)
+                finally:
+                    with contextlib.suppress(KafkaError):
+                        await probe.stop()
+                await asyncio.sleep(delay)
+    except TimeoutError as exc:
+        raise unreachable(connection, exc) from exc
 
 
 async def started_producer(connection: KafkaConnection, **options: Any) -> AIOKafkaProducer:
