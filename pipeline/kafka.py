@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -168,11 +169,9 @@ async def wait_for_broker(connection: KafkaConnection) -> None:
             asyncio.timeout(within_s),
         ):
             while True:
-                probe = AIOKafkaConsumer(**client_options(connection), group_id=None)
                 try:
-                    await probe.start()
-                    await probe.topics()  # an answer, and time for aiokafka's own start-up tasks before stop()
-                    return
+                    async with _metadata_reader(connection):
+                        return
                 except KafkaConnectionError as exc:
                     delay = attempts.failed()
                     if attempts.failures == 1:
@@ -182,9 +181,6 @@ async def wait_for_broker(connection: KafkaConnection) -> None:
                         raise unreachable(connection, exc) from exc
                 except KafkaError as exc:
                     raise unreachable(connection, exc) from exc
-                finally:
-                    with contextlib.suppress(KafkaError):
-                        await probe.stop()
                 await asyncio.sleep(delay)
     except TimeoutError as exc:
         raise unreachable(connection, exc) from exc
@@ -236,13 +232,21 @@ class Latest:
 
 async def partitions_of(connection: KafkaConnection, topic: str) -> set[int]:
     """The partitions `topic` has now (none while it does not exist), from a short-lived client's metadata."""
+    try:
+        async with _metadata_reader(connection) as reader:
+            return set(reader.partitions_for_topic(topic) or ())
+    except KafkaError as exc:
+        raise unreachable(connection, exc) from exc
+
+
+@contextlib.asynccontextmanager
+async def _metadata_reader(connection: KafkaConnection) -> AsyncIterator[AIOKafkaConsumer]:
+    """A short-lived client that has read the cluster's metadata (an answer from the broker); stopped after."""
     reader = AIOKafkaConsumer(**client_options(connection), group_id=None)
     try:
         await reader.start()
-        await reader.topics()
-        return set(reader.partitions_for_topic(topic) or ())
-    except KafkaError as exc:
-        raise unreachable(connection, exc) from exc
+        await reader.topics()  # the metadata, and time for aiokafka's own start-up tasks before stop()
+        yield reader
     finally:
         with contextlib.suppress(KafkaError):
             await reader.stop()
